@@ -1,0 +1,1 @@
+"""tlpipe components: one module per pipeline stage, each with one public `run(params)`."""

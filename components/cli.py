@@ -1,0 +1,113 @@
+"""The `tlpipe` command: run one stage, the whole Prefect flow, a prediction, or print a summary."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from components.errors import PipelineError
+
+log = logging.getLogger("tlpipe")
+
+
+def _quiet_libraries() -> None:
+    # Set before TensorFlow, Great Expectations or Prefect is imported; they read these once.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+def _stage(args: argparse.Namespace) -> None:
+    from components.config import load_params
+    from components.graph import stage_module
+
+    params = load_params(args.params)
+    module = stage_module(args.name)
+    result = module.run(params)
+    log.info("%s: done%s", args.name, f" ({result})" if result is not None else "")
+
+
+def _run(args: argparse.Namespace) -> None:
+    from components.config import load_params
+
+    load_params(args.params)  # fail on a bad params.yaml before Prefect starts
+    from flows.pipeline import pipeline
+
+    pipeline(params_path=str(args.params), stages=args.stages or None)
+
+
+def _predict(args: argparse.Namespace) -> None:
+    from components.predict import predict_files
+
+    for line in predict_files(args.model, args.images, top_k=args.top_k):
+        print(line)
+
+
+def _summary(args: argparse.Namespace) -> None:
+    from components.config import load_params
+    from components.summary import summary
+
+    print(summary(load_params(args.params)))
+
+
+def _stages(args: argparse.Namespace) -> None:
+    from components.graph import stage_names
+
+    print("\n".join(stage_names()))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tlpipe", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def with_params(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sub.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: params.yaml)")
+        return sub
+
+    stage = with_params(commands.add_parser("stage", help="run one pipeline stage (what dvc.yaml calls)"))
+    stage.add_argument("name", help="stage name, as in dvc.yaml")
+    stage.set_defaults(handler=_stage)
+
+    run = with_params(commands.add_parser("run", help="run the whole graph as a Prefect flow"))
+    run.add_argument("--stages", nargs="*", help="only these stages (default: all, in dvc.yaml order)")
+    run.set_defaults(handler=_run)
+
+    predict = commands.add_parser("predict", help="label images with an exported ONNX model")
+    predict.add_argument("model", type=Path, help="the .onnx file (models/model.onnx)")
+    predict.add_argument("images", type=Path, nargs="+", help="image files")
+    predict.add_argument("--top-k", type=int, default=1, help="labels to print per image")
+    predict.set_defaults(handler=_predict)
+
+    summary = with_params(commands.add_parser("summary", help="print metrics, gates and the model's location"))
+    summary.set_defaults(handler=_summary)
+
+    stages = commands.add_parser("stages", help="list the stages in order")
+    stages.set_defaults(handler=_stages)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    _quiet_libraries()
+    try:
+        args.handler(args)
+    except PipelineError as error:
+        print(f"tlpipe {args.command}: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"tlpipe {args.command}: interrupted; outputs are written atomically, rerun to continue", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

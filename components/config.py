@@ -1,0 +1,199 @@
+"""params.yaml, parsed once into frozen typed models: a typo or a bad value fails before any work."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from components.errors import PipelineError
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class DataParams(_Section):
+    source_dir: str = ""
+    target_dir: str = ""
+    embedded_source_classes: tuple[int, ...] = (0, 1, 2, 3, 4)
+    embedded_target_classes: tuple[int, ...] = (5, 6, 7, 8, 9)
+    image_size: int = Field(32, ge=8, le=1024)
+    color_mode: Literal["grayscale", "rgb"] = "grayscale"
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.color_mode == "grayscale" else 3
+
+    @property
+    def pil_mode(self) -> str:
+        return "L" if self.color_mode == "grayscale" else "RGB"
+
+
+class ValidateParams(_Section):
+    min_images_per_class: int = Field(10, ge=1)
+    min_side: int = Field(8, ge=1)
+    max_side: int = Field(8192, ge=1)
+    max_pixels: int = Field(89_478_485, ge=1)
+
+
+class CleanParams(_Section):
+    val_fraction: float = Field(0.15, gt=0, lt=1)
+    test_fraction: float = Field(0.25, gt=0, lt=1)
+    target_train_per_class: int | None = Field(50, ge=1)
+
+    @model_validator(mode="after")
+    def _fractions_leave_a_train_split(self) -> "CleanParams":
+        if self.val_fraction + self.test_fraction >= 0.9:
+            raise ValueError("val_fraction + test_fraction must be below 0.9 to leave images to train on")
+        return self
+
+
+Backbone = Literal["simple_cnn", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_v2_b0"]
+
+
+class ModelParams(_Section):
+    backbone: Backbone = "simple_cnn"
+    width: int = Field(32, ge=1)
+    dropout: float = Field(0.2, ge=0, lt=1)
+
+
+class SourceParams(_Section):
+    mode: Literal["train", "download"] = "train"
+    weights: str = ""
+    sha256: str = ""
+    cache_dir: str = ".cache/weights"
+    epochs: int = Field(15, ge=1)
+    batch_size: int = Field(64, ge=1)
+    learning_rate: float = Field(0.002, gt=0)
+    patience: int = Field(4, ge=1)
+
+    @model_validator(mode="after")
+    def _download_names_weights(self) -> "SourceParams":
+        if self.mode == "download" and not self.weights:
+            raise ValueError("mode 'download' needs weights: imagenet, a file path or an http(s) URL")
+        if self.mode == "download" and self.weights != "imagenet" and len(self.sha256) != 64:
+            raise ValueError("weights from a file or URL must be pinned: set sha256 to the file's 64-hex digest")
+        return self
+
+
+class TransferParams(_Section):
+    layers: tuple[str, ...] = ("backbone.*",)
+    freeze: Literal["backbone", "none"] = "backbone"
+
+
+class FinetuneParams(_Section):
+    batch_size: int = Field(32, ge=1)
+    head_epochs: int = Field(15, ge=0)
+    head_learning_rate: float = Field(0.003, gt=0)
+    epochs: int = Field(20, ge=0)
+    learning_rate: float = Field(0.0003, gt=0)
+    unfreeze_top: int = Field(-1, ge=-1)
+    patience: int = Field(5, ge=1)
+
+
+class EvaluateParams(_Section):
+    min_accuracy: float = Field(0.9, ge=0, le=1)
+    min_macro_f1: float = Field(0.9, ge=0, le=1)
+
+
+class ExportParams(_Section):
+    opset: int = Field(17, ge=13)
+    max_abs_diff: float = Field(1e-4, gt=0)
+    parity_images: int = Field(64, ge=1)
+
+
+class Paths(_Section):
+    raw: Path
+    manifest: Path
+    clean: Path
+    source_model: Path
+    transferred_model: Path
+    finetuned_model: Path
+    onnx_model: Path
+    validation: Path
+    data_docs: Path
+    quarantine: Path
+    source_report: Path
+    transfer_report: Path
+    finetune_report: Path
+    training_curves: Path
+    metrics: Path
+    gates: Path
+    confusion: Path
+    confusion_png: Path
+    export_report: Path
+
+
+class Params(_Section):
+    seed: int = 42
+    data: DataParams = DataParams()
+    validate_: ValidateParams = Field(ValidateParams(), alias="validate")
+    clean: CleanParams = CleanParams()
+    model: ModelParams = ModelParams()
+    source: SourceParams = SourceParams()
+    transfer: TransferParams = TransferParams()
+    finetune: FinetuneParams = FinetuneParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    export: ExportParams = ExportParams()
+    paths: Paths
+
+    @property
+    def validation(self) -> ValidateParams:
+        return self.validate_
+
+    def resolve(self, root: Path) -> "Params":
+        """The same params with every relative path taken from `root` (the repository)."""
+        resolved = {name: root / path for name, path in self.paths.model_dump().items()}
+        return self.model_copy(update={"paths": Paths(**resolved)})
+
+
+def _describe(error: ValidationError, source: Path) -> str:
+    lines = [f"{source}: {error.error_count()} problem(s):"]
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        key = key.replace("validate_", "validate")
+        if item["type"] == "extra_forbidden":
+            lines.append(f"  - unknown key '{key}': remove it or fix its spelling")
+        else:
+            lines.append(f"  - '{key}': {item['msg']}")
+    return "\n".join(lines)
+
+
+def load_params(path: Path = DEFAULT_PARAMS, root: Path | None = None) -> Params:
+    """Read and check params.yaml; relative paths are taken from `root` (default: its folder)."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"{path} not found: run from the repository root or pass --params PATH")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise PipelineError(f"{path} is not valid YAML: {error}") from None
+    if not isinstance(raw, dict):
+        raise PipelineError(f"{path} must hold a mapping of sections, not {type(raw).__name__}")
+    try:
+        params = Params.model_validate(raw)
+    except ValidationError as error:
+        raise PipelineError(_describe(error, path)) from None
+    return params.resolve(root if root is not None else path.parent)
+
+
+def with_overrides(params: Params, overrides: dict[str, object]) -> Params:
+    """A re-validated copy with dotted keys replaced, e.g. {"finetune.epochs": 1}."""
+    raw = params.model_dump(by_alias=True, mode="json")
+    for dotted, value in overrides.items():
+        *parents, leaf = dotted.split(".")
+        section = raw
+        for part in parents:
+            section = section[part]
+        if leaf not in section:
+            raise PipelineError(f"unknown key '{dotted}'")
+        section[leaf] = value
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as error:
+        raise PipelineError(_describe(error, Path("overrides"))) from None

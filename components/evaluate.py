@@ -1,0 +1,114 @@
+"""Stage `evaluate`: metrics on the held-out target test split, a confusion matrix, and the gates.
+
+A failed gate fails the stage (after writing its reports), so export never runs on a worse model.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from components.artifacts import atomic_path, write_json, write_text
+from components.config import Params
+from components.dataset import load_split
+from components.errors import PipelineError
+from components.models import load_model_dir
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EvaluateResult:
+    accuracy: float
+    macro_f1: float
+    passed: bool
+
+    def __str__(self) -> str:
+        verdict = "gates passed" if self.passed else "gates FAILED"
+        return f"test accuracy {self.accuracy:.4f}, macro F1 {self.macro_f1:.4f}, {verdict}"
+
+
+def compute_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: tuple[str, ...]) -> dict:
+    from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
+
+    labels = list(range(len(classes)))
+    precision, recall, f1, support = precision_recall_fscore_support(
+        y_true, y_pred, labels=labels, zero_division=0
+    )
+    return {
+        "accuracy": round(float(accuracy_score(y_true, y_pred)), 6),
+        "macro_precision": round(float(precision.mean()), 6),
+        "macro_recall": round(float(recall.mean()), 6),
+        "macro_f1": round(float(f1.mean()), 6),
+        "test_images": int(len(y_true)),
+        "per_class": {
+            name: {"precision": round(float(p), 6), "recall": round(float(r), 6), "f1": round(float(f), 6),
+                   "support": int(s)}
+            for name, p, r, f, s in zip(classes, precision, recall, f1, support)
+        },
+        "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
+    }
+
+
+def apply_gates(metrics: dict, params: Params) -> dict:
+    thresholds = {"accuracy": params.evaluate.min_accuracy, "macro_f1": params.evaluate.min_macro_f1}
+    gates = [
+        {"name": f"min_{name}", "value": metrics[name], "threshold": threshold, "passed": metrics[name] >= threshold}
+        for name, threshold in thresholds.items()
+    ]
+    return {"passed": all(gate["passed"] for gate in gates), "gates": gates}
+
+
+def _write_confusion(y_true: np.ndarray, y_pred: np.ndarray, classes: tuple[str, ...], matrix: list, params: Params) -> None:
+    # One row per test image: the layout DVC's confusion template reads.
+    rows = io.StringIO()
+    writer = csv.writer(rows, lineterminator="\n")
+    writer.writerow(["actual", "predicted"])
+    writer.writerows((classes[a], classes[p]) for a, p in zip(y_true, y_pred))
+    write_text(params.paths.confusion, rows.getvalue())
+    _plot_confusion(np.asarray(matrix), classes, params.paths.confusion_png)
+
+
+def _plot_confusion(matrix: np.ndarray, classes: tuple[str, ...], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(1.2 + 0.6 * len(classes), 1 + 0.6 * len(classes)))
+    axes.imshow(matrix, cmap="Blues")
+    axes.set(xticks=range(len(classes)), yticks=range(len(classes)), xticklabels=classes, yticklabels=classes,
+             xlabel="predicted", ylabel="actual", title="target test split")
+    for (row, col), count in np.ndenumerate(matrix):
+        axes.text(col, row, str(count), ha="center", va="center",
+                  color="white" if count > matrix.max() / 2 else "black")
+    figure.tight_layout()
+    with atomic_path(path) as temp:
+        figure.savefig(temp, format="png", dpi=100)
+    plt.close(figure)
+
+
+def run(params: Params) -> EvaluateResult:
+    model, classes = load_model_dir(params.paths.finetuned_model)
+    test = load_split(params.paths.clean, "target", "test")
+    if classes != test.classes:
+        raise PipelineError(f"the model's classes {classes} differ from the test split's {test.classes}: rerun transfer")
+    y_pred = model.predict(test.x, batch_size=256, verbose=0).argmax(axis=1)
+    metrics = compute_metrics(test.y, y_pred, classes)
+    gates = apply_gates(metrics, params)
+    write_json(params.paths.metrics, metrics)
+    write_json(params.paths.gates, gates)
+    _write_confusion(test.y, y_pred, classes, metrics["confusion_matrix"], params)
+    result = EvaluateResult(metrics["accuracy"], metrics["macro_f1"], gates["passed"])
+    if not gates["passed"]:
+        failed = "; ".join(f"{g['name']}: {g['value']:.4f} < {g['threshold']}" for g in gates["gates"] if not g["passed"])
+        raise PipelineError(
+            f"gates failed ({failed}); the model is not exported. See {params.paths.metrics}; improve the model "
+            "or data, or change the thresholds in params.yaml evaluate:"
+        )
+    return result

@@ -1,0 +1,124 @@
+"""Model building (a pure function of the params) and the layer walk that weight transfer uses.
+
+Every model takes raw uint8 pixels of any size; scaling and resizing live inside the model, so
+the exported ONNX graph needs no preprocessing re-implemented at serving time.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import keras
+
+from components.artifacts import atomic_dir
+from components.config import DataParams, ModelParams
+from components.errors import PipelineError
+
+MODEL_FILE = "model.keras"
+LABELS_FILE = "labels.json"
+INPUT_NAME = "input"
+BACKBONE_NAME = "backbone"
+HEAD_NAME = "head"
+
+# Keras Applications backbones: (constructor, minimum input side). Their own preprocessing is
+# included (include_preprocessing=True), so they take 0..255 floats.
+_APPLICATIONS = {
+    "mobilenet_v3_small": (keras.applications.MobileNetV3Small, 32),
+    "mobilenet_v3_large": (keras.applications.MobileNetV3Large, 32),
+    "efficientnet_v2_b0": (keras.applications.EfficientNetV2B0, 32),
+}
+
+
+def _simple_cnn(side: int, channels: int, width: int) -> keras.Model:
+    inputs = keras.Input((side, side, channels), name="backbone_input")
+    x = inputs
+    for block, filters in enumerate((width, width * 2, width * 4), start=1):
+        for conv in (1, 2):
+            x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"block{block}_conv{conv}")(x)
+            # momentum 0.9: small datasets give few steps, and 0.99 leaves the moving statistics unsettled.
+            x = keras.layers.BatchNormalization(momentum=0.9, name=f"block{block}_bn{conv}")(x)
+            x = keras.layers.ReLU(name=f"block{block}_relu{conv}")(x)
+        if block < 3:
+            x = keras.layers.MaxPooling2D(name=f"block{block}_pool")(x)
+    outputs = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    return keras.Model(inputs, outputs, name=BACKBONE_NAME)
+
+
+def _application(name: str, side: int, weights: str | None) -> keras.Model:
+    constructor, minimum = _APPLICATIONS[name]
+    if side < minimum:
+        raise ValueError(f"backbone {name} needs data.image_size >= {minimum}, got {side}")
+    base = constructor(
+        input_shape=(side, side, 3), include_top=False, weights=weights, pooling="avg", include_preprocessing=True
+    )
+    # Re-wrap under one stable name, so layer paths read "backbone.<layer>" whatever Keras calls it.
+    return keras.Model(base.inputs, base.outputs, name=BACKBONE_NAME)
+
+
+def uses_application(model: ModelParams) -> bool:
+    return model.backbone in _APPLICATIONS
+
+
+def build_model(
+    model: ModelParams,
+    data: DataParams,
+    num_classes: int | None,
+    *,
+    bn_inference: bool,
+    backbone_weights: str | None = None,
+) -> keras.Model:
+    """Input (uint8, any size) -> scale -> resize -> backbone -> dropout -> softmax head.
+
+    bn_inference=True calls the backbone with training=False, so its BatchNorm layers keep their
+    moving statistics while fine-tuning (the Keras transfer-learning guide). num_classes=None
+    builds a headless model (a downloaded backbone with no task of its own yet).
+    """
+    side, channels = data.image_size, data.channels
+    inputs = keras.Input((None, None, channels), dtype="uint8", name=INPUT_NAME)
+    if uses_application(model):
+        x = keras.layers.Rescaling(1.0, name="to_float")(inputs)  # applications scale 0..255 themselves
+        x = keras.layers.Resizing(side, side, name="resize")(x)
+        if channels == 1:
+            x = keras.layers.Concatenate(name="gray_to_rgb")([x, x, x])
+        backbone = _application(model.backbone, side, backbone_weights)
+    else:
+        x = keras.layers.Rescaling(1.0 / 255, name="scale")(inputs)
+        x = keras.layers.Resizing(side, side, name="resize")(x)
+        backbone = _simple_cnn(side, channels, model.width)
+        if backbone_weights:
+            backbone.load_weights(backbone_weights)
+    x = backbone(x, training=False) if bn_inference else backbone(x)
+    if num_classes is None:
+        return keras.Model(inputs, x, name="backbone_only")
+    x = keras.layers.Dropout(model.dropout, name="head_dropout")(x)
+    outputs = keras.layers.Dense(num_classes, activation="softmax", name=HEAD_NAME)(x)
+    return keras.Model(inputs, outputs, name="classifier")
+
+
+def weighted_layers(model: keras.Model, prefix: str = "") -> Iterator[tuple[str, keras.layers.Layer]]:
+    """(path, layer) for every layer holding weights, descending into nested models: "backbone.block1_conv1"."""
+    for layer in model.layers:
+        path = f"{prefix}{layer.name}"
+        if isinstance(layer, keras.Model):
+            yield from weighted_layers(layer, prefix=f"{path}.")
+        elif layer.weights:
+            yield path, layer
+
+
+def save_model_dir(model: keras.Model, classes: tuple[str, ...] | None, directory: Path) -> None:
+    """Write <directory>/model.keras and labels.json together, atomically (all or nothing)."""
+    with atomic_dir(directory) as temp:
+        model.save(temp / MODEL_FILE)
+        (temp / LABELS_FILE).write_text(json.dumps(list(classes) if classes is not None else None) + "\n")
+
+
+def load_model_dir(directory: Path) -> tuple[keras.Model, tuple[str, ...] | None]:
+    """The model and its class names; safe_mode=True, so a model file can never run arbitrary code."""
+    path = Path(directory) / MODEL_FILE
+    if not path.is_file():
+        raise PipelineError(f"{path} not found: run the stage that writes it first (dvc repro)")
+    model = keras.saving.load_model(path, compile=False, safe_mode=True)
+    labels = json.loads((Path(directory) / LABELS_FILE).read_text())
+    return model, tuple(labels) if labels is not None else None

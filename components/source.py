@@ -1,0 +1,100 @@
+"""Stage `source`: train the source model on the source task, or download pretrained weights."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import keras
+
+from components.artifacts import write_json
+from components.config import Params
+from components.dataset import load_split
+from components.download import cache_dir_from, fetch
+from components.errors import PipelineError
+from components.models import build_model, save_model_dir, uses_application
+from components.training import accuracy, fit, open_curves
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SourceResult:
+    mode: str
+    test_accuracy: float | None
+
+    def __str__(self) -> str:
+        if self.test_accuracy is None:
+            return f"{self.mode}: pretrained weights ready"
+        return f"{self.mode}: source test accuracy {self.test_accuracy:.4f}"
+
+
+def _train(params: Params) -> tuple[keras.Model, tuple[str, ...], dict]:
+    clean, cfg = params.paths.clean, params.source
+    train, val, test = (load_split(clean, "source", split) for split in ("train", "val", "test"))
+    keras.utils.set_random_seed(params.seed)
+    model = build_model(params.model, params.data, len(train.classes), bn_inference=False)
+    log.info("training the source model on %d images of %d classes", len(train), len(train.classes))
+    live = open_curves(params.paths.training_curves / "source")
+    try:
+        result = fit(
+            model, train, val, phase="source", epochs=cfg.epochs, batch_size=cfg.batch_size,
+            learning_rate=cfg.learning_rate, patience=cfg.patience, live=live,
+        )
+    finally:
+        live.end()
+    report = {
+        "epochs_run": result.epochs_run,
+        "best_epoch": result.best_epoch,
+        "val_accuracy": round(result.best_val_accuracy, 6),
+        "test_accuracy": round(accuracy(model, test), 6),
+        "train_images": len(train),
+        "seconds": result.seconds,
+        "images_per_second": result.images_per_second,
+    }
+    return model, train.classes, report
+
+
+def _download(params: Params) -> tuple[keras.Model, None, dict]:
+    cfg = params.source
+    if cfg.weights == "imagenet":
+        if not uses_application(params.model):
+            raise PipelineError(
+                f"weights: imagenet needs a Keras Applications backbone (model.backbone), not {params.model.backbone}"
+            )
+        try:
+            model = build_model(params.model, params.data, None, bn_inference=False, backbone_weights="imagenet")
+        except Exception as error:  # Keras raises plain Exception subclasses for network failures
+            raise PipelineError(
+                f"cannot get ImageNet weights for {params.model.backbone} ({error}); on a machine without "
+                "internet, place Keras's weight file in ~/.keras/models, or use weights: PATH with sha256"
+            ) from None
+        return model, None, {"weights": "imagenet", "backbone": params.model.backbone}
+    path = fetch(cfg.weights, cfg.sha256, cache_dir_from(cfg.cache_dir))
+    if path.name.endswith(".weights.h5"):
+        # The weights of a headless model of the configured backbone (what a `source` run saves).
+        model = build_model(params.model, params.data, None, bn_inference=False)
+        try:
+            model.load_weights(path)
+        except ValueError as error:
+            raise PipelineError(f"{path} does not fit backbone {params.model.backbone}: {error}") from None
+    elif path.suffix == ".keras":
+        model = keras.saving.load_model(path, compile=False, safe_mode=True)
+    else:
+        raise PipelineError(f"{path}: source.weights must be a .keras or .weights.h5 file")
+    return model, None, {"weights": cfg.weights, "sha256": cfg.sha256, "file": str(path)}
+
+
+def run(params: Params) -> SourceResult:
+    started = time.perf_counter()
+    if params.source.mode == "train":
+        model, classes, report = _train(params)
+    else:
+        model, classes, report = _download(params)
+        # dvc.yaml declares the curves folder as the stage's plots; a download has no curves to draw.
+        (params.paths.training_curves / "source" / "plots" / "metrics").mkdir(parents=True, exist_ok=True)
+    save_model_dir(model, classes, params.paths.source_model)
+    write_json(params.paths.source_report, {"mode": params.source.mode, **report,
+                                            "total_seconds": round(time.perf_counter() - started, 3)})
+    return SourceResult(params.source.mode, report.get("test_accuracy"))

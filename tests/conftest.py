@@ -1,0 +1,115 @@
+"""Shared fixtures: the real params.yaml, shrunk (outputs in tmp_path, tiny images, few epochs)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+from components.config import Params, load_params, with_overrides  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+# What makes the real config small enough for a test on 2 cores.
+SHRINK: dict[str, object] = {
+    "data.image_size": 16,
+    "model.width": 8,
+    "source.epochs": 2,
+    "source.batch_size": 64,
+    "finetune.head_epochs": 1,
+    "finetune.epochs": 1,
+    "finetune.batch_size": 32,
+    "clean.target_train_per_class": 20,
+    "evaluate.min_accuracy": 0.0,
+    "evaluate.min_macro_f1": 0.0,
+    "export.parity_images": 16,
+}
+
+
+def shrunk_params(root: Path, extra: dict[str, object] | None = None) -> Params:
+    """The repository's params.yaml with outputs under `root` and the SHRINK overrides applied."""
+    params = load_params(REPO / "params.yaml", root=root)
+    return with_overrides(params, {**SHRINK, **(extra or {})})
+
+
+@pytest.fixture
+def params(tmp_path: Path) -> Params:
+    return shrunk_params(tmp_path)
+
+
+def write_class_folders(
+    root: Path,
+    classes: list[str],
+    per_class: int,
+    size: tuple[int, int] = (12, 12),
+    mode: str = "L",
+    seed: int = 0,
+) -> Path:
+    """Real PNG class folders a small CNN can learn: class k draws a bright bar at row k, plus noise."""
+    rng = np.random.default_rng(seed)
+    width, height = size
+    for index, name in enumerate(classes):
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 60, size=(height, width), dtype=np.uint8)
+            row = (index * height) // len(classes)
+            pixels[row : row + max(1, height // len(classes)), :] = 255 - rng.integers(0, 30)
+            image = Image.fromarray(pixels).convert(mode)
+            image.save(folder / f"{name}_{i:04d}.png")
+    return root
+
+
+def write_clean_dataset(
+    clean_dir: Path,
+    task: str,
+    classes: list[str],
+    per_split: dict[str, int],
+    size: int,
+    mode: str = "L",
+    seed: int = 0,
+) -> Path:
+    """The layout the clean stage writes (<task>/<split>/<class>/*.png + classes.json), with learnable images."""
+    import json
+
+    for offset, (split, count) in enumerate(per_split.items()):
+        write_class_folders(clean_dir / task / split, classes, count, size=(size, size), mode=mode, seed=seed + offset)
+    (clean_dir / task / "classes.json").write_text(json.dumps(sorted(classes)))
+    return clean_dir
+
+
+@pytest.fixture
+def clean_dataset(params: Params) -> Params:
+    """A small cleaned source task (4 classes) and target task (3 classes) at the shrunk image size."""
+    splits = {"train": 24, "val": 8, "test": 8}
+    write_clean_dataset(params.paths.clean, "source", ["a", "b", "c", "d"], splits, params.data.image_size)
+    write_clean_dataset(params.paths.clean, "target", ["x", "y", "z"], splits, params.data.image_size, seed=7)
+    return params
+
+
+@pytest.fixture
+def file_server(tmp_path: Path):
+    """A real HTTP server on 127.0.0.1 serving tmp_path/served; yields (folder, base_url)."""
+    import functools
+    import http.server
+    import threading
+
+    folder = tmp_path / "served"
+    folder.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    handler.log_message = lambda *args: None  # keep test output clean
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield folder, f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
