@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -12,10 +13,19 @@ from pathlib import Path
 from typing import Any
 
 
+@functools.cache
+def _umask() -> int:
+    # Reading the umask means setting it for an instant; do that once per process.
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _temp_sibling(path: Path, suffix: str = "") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
     os.close(handle)
+    os.chmod(name, 0o666 & ~_umask())  # mkstemp makes 0600; outputs should read like any other file
     return Path(name)
 
 
@@ -57,6 +67,7 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    os.chmod(temp, 0o777 & ~_umask())
     try:
         yield temp
         if path.exists():

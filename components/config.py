@@ -147,9 +147,11 @@ class Params(_Section):
         return self.validate_
 
     def resolve(self, root: Path) -> "Params":
-        """The same params with every relative path taken from `root` (the repository)."""
+        """The same params with every relative path (paths:, data folders) taken from `root` (the repository)."""
         resolved = {name: root / path for name, path in self.paths.model_dump().items()}
-        return self.model_copy(update={"paths": Paths(**resolved)})
+        folders = {key: str(root / value) for key in ("source_dir", "target_dir") if (value := getattr(self.data, key))}
+        data = self.data.model_copy(update=folders)
+        return self.model_copy(update={"paths": Paths(**resolved), "data": data})
 
 
 def _describe(error: ValidationError, source: Path) -> str:

@@ -113,3 +113,19 @@ def file_server(tmp_path: Path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def write_shrunk_params_yaml(dest: Path, extra: dict[str, object] | None = None) -> Path:
+    """params.yaml as the repository has it (relative paths), with the SHRINK overrides applied."""
+    import yaml
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    for dotted, value in {**SHRINK, **(extra or {})}.items():
+        *parents, leaf = dotted.split(".")
+        section = raw
+        for part in parents:
+            section = section[part]
+        assert leaf in section, f"SHRINK names an unknown key {dotted}"
+        section[leaf] = value
+    dest.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return dest

@@ -14,7 +14,7 @@ from components.models import build_model, load_model_dir
 
 
 def test_train_mode_saves_a_model_that_learned_the_source_task(clean_dataset: Params) -> None:
-    params = with_overrides(clean_dataset, {"source.epochs": 4})
+    params = with_overrides(clean_dataset, {"source.epochs": 6, "source.batch_size": 16})
     result = source.run(params)
 
     model, classes = load_model_dir(params.paths.source_model)

@@ -1,0 +1,209 @@
+"""Export stage: the gated fine-tuned Keras model -> models/model.onnx, trusted only after a parity check.
+
+The ONNX file carries what a server needs and nothing else has to be shipped beside it: class names
+(`labels`), the input contract (`input_spec`) and a note that preprocessing lives inside the graph.
+The file is written only when onnxruntime agrees with Keras on held-out images, at their stored
+size and at another size (the spatial dims are dynamic); on failure an older file is left as it
+was and the stage fails, so DVC records nothing new.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import keras
+import numpy as np
+import onnx
+import onnxruntime as ort
+import tensorflow as tf
+import tf2onnx
+
+from components.artifacts import read_json, write_bytes, write_json
+from components.config import Params
+from components.dataset import load_split
+from components.errors import PipelineError
+from components.models import INPUT_NAME, load_model_dir
+
+log = logging.getLogger(__name__)
+
+# The model's own resize is bilinear without antialiasing (an antialiased resize does not convert:
+# tf2onnx emits ScaleAndTranslate, which onnxruntime rejects); training images were downscaled by
+# Pillow first, so a server that wants the same answers downscales large images the same way.
+PREPROCESSING = (
+    "raw uint8 pixels; the model scales and resizes inside. Training images were resized to "
+    "input_spec.image_size with Pillow BILINEAR (EXIF-upright, alpha on white) before the model saw "
+    "them; do the same with large images for the same answers (tlpipe predict does)"
+)
+# The second parity check feeds the same images stretched to another, non-square size.
+OTHER_SIZE_FACTORS = (2, 3)
+OTHER_SIZE_IMAGES = 4
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    path: Path
+    size_bytes: int
+    opset: int
+    max_abs_diff: float
+    top1_agreement: float
+    images_checked: int
+
+    def __str__(self) -> str:
+        return (
+            f"{self.path} ({self.size_bytes / 1e6:.2f} MB, opset {self.opset}): "
+            f"max |onnx - keras| {self.max_abs_diff:.1e} on {self.images_checked} images, "
+            f"top-1 agreement {self.top1_agreement:.1%}"
+        )
+
+
+def _require_gates_passed(gates_path: Path) -> None:
+    # Ship only a blessed model (TFX Pusher): gates.json is a declared input of this stage.
+    if not gates_path.is_file():
+        raise PipelineError(f"{gates_path} not found: run the evaluate stage first (dvc repro evaluate)")
+    gates = read_json(gates_path)
+    if not gates.get("passed"):
+        failed = [g.get("name", "?") for g in gates.get("gates", []) if not g.get("passed")]
+        raise PipelineError(
+            f"the model did not pass its gates ({', '.join(failed) or 'see ' + str(gates_path)}); "
+            "not exporting it: improve the model or change the evaluate thresholds in params.yaml"
+        )
+
+
+def _tlpipe_version() -> str:
+    try:
+        return metadata.version("tlpipe")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _resize_side(model: keras.Model, fallback: int) -> int:
+    # The side the model resizes every input to, read from the model itself when it has the layer.
+    try:
+        return int(model.get_layer("resize").get_config()["height"])
+    except (ValueError, KeyError):
+        return fallback
+
+
+def _convert(model: keras.Model, channels: int, opset: int) -> onnx.ModelProto:
+    signature = [tf.TensorSpec((None, None, None, channels), tf.uint8, name=INPUT_NAME)]
+    if not log.isEnabledFor(logging.DEBUG):
+        logging.getLogger("tf2onnx").setLevel(logging.WARNING)
+    try:
+        proto, _ = tf2onnx.convert.from_keras(model, input_signature=signature, opset=opset)
+    except Exception as error:  # tf2onnx raises many types; all mean "this graph did not convert"
+        raise PipelineError(
+            f"tf2onnx could not convert the model at opset {opset}: {error}; "
+            "try another export.opset in params.yaml"
+        ) from error
+    return proto
+
+
+def _parity(model: keras.Model, session: ort.InferenceSession, batches: list[np.ndarray]) -> tuple[float, float, int]:
+    """(max |onnx - keras|, fraction with the same top-1 label, images compared) over the batches."""
+    diffs, agree, count = [], 0, 0
+    for x in batches:
+        expected = model.predict(x, verbose=0)
+        actual = session.run(None, {INPUT_NAME: x})[0]
+        if actual.shape != expected.shape:
+            raise PipelineError(f"ONNX output shape {actual.shape} != Keras {expected.shape} for input {x.shape}")
+        diffs.append(float(np.max(np.abs(actual.astype(np.float64) - expected))))
+        agree += int(np.sum(actual.argmax(axis=1) == expected.argmax(axis=1)))
+        count += len(x)
+    return max(diffs), agree / count, count
+
+
+def run(params: Params) -> ExportResult:
+    started = time.perf_counter()
+    paths, settings = params.paths, params.export
+    _require_gates_passed(paths.gates)
+
+    model, labels = load_model_dir(paths.finetuned_model)
+    test = load_split(paths.clean, "target", "test")
+    if labels is None or tuple(labels) != test.classes:
+        raise PipelineError(
+            f"{paths.finetuned_model} labels {labels} do not match the cleaned target classes {list(test.classes)}: "
+            "rerun the pipeline from the transfer stage (dvc repro)"
+        )
+    channels = int(model.inputs[0].shape[-1])
+    if channels != params.data.channels:
+        raise PipelineError(
+            f"the model takes {channels}-channel images but data.color_mode is {params.data.color_mode}: "
+            "rerun the pipeline (dvc repro) so the model matches params.yaml"
+        )
+    outputs = int(model.outputs[0].shape[-1])
+    if outputs != len(labels):
+        raise PipelineError(f"the model has {outputs} outputs but {len(labels)} labels: rerun the finetune stage")
+
+    log.info("converting %s to ONNX (opset %d)", paths.finetuned_model, settings.opset)
+    proto = _convert(model, channels, settings.opset)
+    input_spec = {
+        "name": INPUT_NAME,
+        "dtype": "uint8",
+        "layout": "NHWC",
+        "channels": channels,
+        "color_mode": params.data.color_mode,
+        "image_size": _resize_side(model, params.data.image_size),
+    }
+    onnx.helper.set_model_props(
+        proto,
+        {
+            "labels": json.dumps(list(labels)),
+            "input_spec": json.dumps(input_spec),
+            "preprocessing": PREPROCESSING,
+            "tlpipe_version": _tlpipe_version(),
+        },
+    )
+    try:
+        onnx.checker.check_model(proto)
+    except onnx.checker.ValidationError as error:
+        raise PipelineError(f"the converted ONNX model is invalid: {error}; try another export.opset") from error
+    data = proto.SerializeToString()
+
+    # Evenly spaced over the split (it is sorted by class), so every class is represented.
+    n = min(settings.parity_images, len(test))
+    x = test.x[np.unique(np.linspace(0, len(test) - 1, n).round().astype(int))]
+    fy, fx = OTHER_SIZE_FACTORS
+    other = np.repeat(np.repeat(x[:OTHER_SIZE_IMAGES], fy, axis=1), fx, axis=2)
+    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    max_abs_diff, top1, checked = _parity(model, session, [x, other])
+    log.info("parity: max |onnx - keras| %.2e, top-1 agreement %.1f%% on %d images", max_abs_diff, 100 * top1, checked)
+    if not max_abs_diff <= settings.max_abs_diff:  # also catches NaN
+        raise PipelineError(
+            f"ONNX and Keras disagree: max |difference| {max_abs_diff:.3e} > export.max_abs_diff "
+            f"{settings.max_abs_diff:.1e} on {checked} images; {paths.onnx_model} was not written. "
+            "Try another export.opset, or check the model for layers that differ at inference"
+        )
+    if top1 < 1.0:
+        # With the difference inside the bound, a changed top-1 label can only be a near-tie.
+        log.warning("top-1 label differs on %.1f%% of images (near-ties)", 100 * (1 - top1))
+
+    write_bytes(paths.onnx_model, data)
+    result = ExportResult(paths.onnx_model, len(data), settings.opset, max_abs_diff, top1, checked)
+    write_json(
+        paths.export_report,
+        {
+            "max_abs_diff": max_abs_diff,
+            "max_abs_diff_bound": settings.max_abs_diff,
+            "top1_agreement": top1,
+            "opset": settings.opset,
+            "parity_images": len(x),
+            "other_size_images": len(other),
+            "sizes_checked": [list(x.shape[1:3]), list(other.shape[1:3])],
+            "onnx_sha256": hashlib.sha256(data).hexdigest(),
+            "size_bytes": len(data),
+            "input": input_spec,
+            "outputs": [
+                {"name": o.name, "shape": [d if isinstance(d, int) else None for d in o.shape], "type": o.type}
+                for o in session.get_outputs()
+            ],
+            "labels": list(labels),
+            "seconds": round(time.perf_counter() - started, 2),
+        },
+    )
+    return result

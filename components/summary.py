@@ -1,0 +1,119 @@
+"""A short human summary of the last run, read from the reports the stages wrote (`tlpipe summary`)."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+from typing import Any
+
+from components.config import Params
+from components.images import is_image_name
+
+
+def _show(path: Path) -> str:
+    """The path relative to the working directory when it lies below it (what a user would type)."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def _read(path: Path, stage: str) -> tuple[Any, str | None]:
+    """(report, None), or (None, a line saying why it is missing or unreadable)."""
+    if not Path(path).is_file():
+        return None, f"{_show(path)} missing: the {stage} stage has not run yet (dvc repro {stage})"
+    try:
+        report = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        return None, f"{_show(path)} unreadable ({error}): rerun the {stage} stage (dvc repro --force {stage})"
+    if not isinstance(report, dict):
+        return None, f"{_show(path)} holds no JSON object: rerun the {stage} stage (dvc repro --force {stage})"
+    return report, None
+
+
+def _number(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _metrics(params: Params) -> list[str]:
+    metrics, problem = _read(params.paths.metrics, "evaluate")
+    if problem:
+        return [problem]
+    return [
+        f"target test accuracy {_number(metrics.get('accuracy', '?'))}, "
+        f"macro F1 {_number(metrics.get('macro_f1', '?'))}"
+    ]
+
+
+def _gates(params: Params) -> list[str]:
+    gates, problem = _read(params.paths.gates, "evaluate")
+    if problem:
+        return [problem]
+    lines = [f"gates: {'PASSED' if gates.get('passed') else 'FAILED'}"]
+    for gate in gates.get("gates", []):
+        verdict = "pass" if gate.get("passed") else "FAIL"
+        lines.append(
+            f"  {verdict}  {gate.get('name', '?')}: {_number(gate.get('value', '?'))} "
+            f"(threshold {_number(gate.get('threshold', '?'))})"
+        )
+    return lines
+
+
+def _transfer(params: Params) -> list[str]:
+    report, _ = _read(params.paths.transfer_report, "transfer")
+    if report is None:
+        return []
+    counts = ", ".join(f"{len(report.get(key) or [])} {key}" for key in ("transferred", "skipped", "reinitialized"))
+    return [f"transfer: {counts} layers"]
+
+
+def _quarantine(params: Params) -> list[str]:
+    report, _ = _read(params.paths.quarantine, "clean")
+    if report is None or "counts" not in report:
+        return []
+    counts = report["counts"]
+    if not isinstance(counts, dict):
+        return [f"quarantine: {counts}"]
+    if counts and all(isinstance(value, dict) for value in counts.values()):  # per task, as clean writes it
+        return [f"quarantine: {'; '.join(f'{task}: {_totals(value)}' for task, value in counts.items())}"]
+    return [f"quarantine: {_totals(counts)}"]
+
+
+def _totals(counts: dict[str, Any]) -> str:
+    """The top-level numbers of a counts mapping ("input 250, kept 200, ..."), leaving out nested detail."""
+    return ", ".join(f"{key} {value}" for key, value in counts.items() if isinstance(value, (int, float)))
+
+
+def _export(params: Params) -> list[str]:
+    report, problem = _read(params.paths.export_report, "export")
+    if problem:
+        return [problem]
+    if not Path(params.paths.onnx_model).is_file():
+        return [f"{_show(params.paths.onnx_model)} missing: rerun the export stage (dvc repro export)"]
+    return [
+        f"ONNX model: {_show(params.paths.onnx_model)} (opset {report.get('opset', '?')}, "
+        f"max |onnx - keras| {_number(report.get('max_abs_diff', '?'))})"
+    ]
+
+
+def _example_image(params: Params) -> str:
+    """A real target image to try the model on, or a placeholder when there is none."""
+    root = Path(params.paths.raw) / "target"
+    if root.is_dir():
+        for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+            for file in sorted(folder.iterdir()):
+                if file.is_file() and is_image_name(file):
+                    return shlex.quote(_show(file))
+    return "IMAGE.png"
+
+
+def summary(params: Params) -> str:
+    """Metrics, gates, transfer and quarantine counts, the ONNX model, and the next commands to try."""
+    lines = [*_metrics(params), *_gates(params), *_transfer(params), *_quarantine(params), *_export(params)]
+    lines.append("next:")
+    if Path(params.paths.onnx_model).is_file():
+        lines.append(f"  tlpipe predict {shlex.quote(_show(params.paths.onnx_model))} {_example_image(params)}")
+    lines.append("  dvc plots show")
+    lines.append("  dvc metrics show")
+    return "\n".join(lines)

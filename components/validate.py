@@ -1,0 +1,246 @@
+"""Stage validate: a manifest of every raw file, checked by a Great Expectations suite, with HTML data docs."""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from components.artifacts import atomic_dir, atomic_path, write_json, write_text
+from components.config import Params
+from components.errors import PipelineError
+from components.images import MANIFEST_COLUMNS, TASKS, class_folders, inspect_image, list_class_images
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+log = logging.getLogger(__name__)
+
+# Suites whose failure fails the stage; the "informational" suite only reports what clean will quarantine.
+CRITICAL_SUITES = ("manifest", "class_counts")
+
+
+@dataclass(frozen=True)
+class ValidateResult:
+    success: bool
+    images: int
+    undecodable: int
+    duplicates: int
+    data_docs: Path
+
+    def __str__(self) -> str:
+        verdict = "passed" if self.success else "FAILED"
+        return (f"validation {verdict}: {self.images} files, {self.undecodable} undecodable and {self.duplicates} "
+                f"duplicate copies (clean quarantines them); report {self.data_docs / 'index.html'}")
+
+
+def _manifest(raw: Path, max_pixels: int) -> tuple["pd.DataFrame", dict[str, list[str]]]:
+    import pandas as pd
+
+    rows: list[dict[str, Any]] = []
+    classes: dict[str, list[str]] = {}
+    for task in TASKS:
+        if not (raw / task).is_dir():
+            raise PipelineError(f"{raw / task} not found; run `tlpipe stage ingest` first")
+        classes[task] = class_folders(raw / task)
+        for rel, label in list_class_images(raw / task, every_file=True):
+            facts = inspect_image(raw / task / rel, max_pixels)
+            rows.append({"task": task, "path": f"{task}/{rel}", "label": label, **facts})
+    frame = pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS))
+    frame = frame.astype({"width": "Int64", "height": "Int64", "bytes": "int64", "decodable": "bool"})
+    return frame, classes
+
+
+def _class_counts(manifest: "pd.DataFrame", classes: dict[str, list[str]]) -> "pd.DataFrame":
+    """One row per class folder, empty ones included (an empty folder is a class with 0 images)."""
+    import pandas as pd
+
+    files = Counter(zip(manifest["task"], manifest["label"]))
+    good = Counter(zip(manifest.loc[manifest["decodable"], "task"], manifest.loc[manifest["decodable"], "label"]))
+    rows = [{"task": t, "label": c, "images": files[(t, c)], "decodable": good[(t, c)]}
+            for t in TASKS for c in classes[t]]
+    return pd.DataFrame(rows, columns=["task", "label", "images", "decodable"])
+
+
+def _duplicates(manifest: "pd.DataFrame") -> int:
+    """Redundant copies: files whose exact bytes already appear earlier in the same task."""
+    return int(manifest.duplicated(subset=["task", "sha256"]).sum())
+
+
+def _suites(params: Params, classes: dict[str, list[str]]) -> dict[str, list[Any]]:
+    import great_expectations.expectations as gxe
+    from great_expectations.expectations.row_conditions import Column
+
+    limits = params.validation
+    size = {"min_value": limits.min_side, "max_value": limits.max_side}
+    decodable = Column("decodable") == True  # noqa: E712  (builds a GX condition, not a comparison)
+    per_task = {t: Column("task") == t for t in TASKS}
+    manifest = [
+        gxe.ExpectTableColumnsToMatchOrderedList(column_list=list(MANIFEST_COLUMNS)),
+        gxe.ExpectColumnValuesToBeInSet(column="task", value_set=list(TASKS)),
+        *(gxe.ExpectColumnValuesToNotBeNull(column=c) for c in ("path", "label", "sha256")),
+        gxe.ExpectColumnValuesToBeUnique(column="path"),
+        *(gxe.ExpectColumnValuesToBeInSet(column="label", value_set=classes[t], row_condition=per_task[t])
+          for t in TASKS),
+        # Only images clean will keep must fit; undecodable files are quarantined whatever their size.
+        gxe.ExpectColumnValuesToBeBetween(column="width", row_condition=decodable, **size),
+        gxe.ExpectColumnValuesToBeBetween(column="height", row_condition=decodable, **size),
+    ]
+    class_counts = [
+        gxe.ExpectColumnValuesToBeBetween(column="decodable", min_value=limits.min_images_per_class),
+        *(gxe.ExpectColumnUniqueValueCountToBeBetween(column="label", min_value=2, row_condition=per_task[t])
+          for t in TASKS),
+    ]
+    report = [
+        gxe.ExpectColumnValuesToBeInSet(column="decodable", value_set=[True], severity="info",
+                                        description="Undecodable files are quarantined by clean."),
+        *(gxe.ExpectColumnValuesToBeUnique(column="sha256", row_condition=per_task[t], severity="info",
+                                           description="Exact duplicates are quarantined by clean.") for t in TASKS),
+    ]
+    return {"manifest": manifest, "class_counts": class_counts, "informational": report}
+
+
+def _run_gx(frames: dict[str, "pd.DataFrame"], suites: dict[str, list[Any]], docs: Path) -> list[Any]:
+    """Validate each frame with its suite in an ephemeral context; build the HTML data docs into `docs`."""
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    # This GX module pins its own logger at INFO on import, past the parent's level.
+    logging.getLogger("great_expectations.data_context.types.base").setLevel(logging.WARNING)
+    context = gx.get_context(mode="ephemeral")
+    context.variables.progress_bars = ProgressBarsConfig(globally=False)  # no tqdm bar per validation
+    context.update_data_docs_site("local_site", {
+        "class_name": "SiteBuilder",
+        "show_how_to_buttons": False,
+        "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs.resolve())},
+        "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+    })
+    source = context.data_sources.add_pandas("tlpipe")
+    results = []
+    for name, expectations in suites.items():
+        batch = source.add_dataframe_asset(name).add_batch_definition_whole_dataframe("all")
+        suite = context.suites.add(gx.ExpectationSuite(name=name, expectations=expectations))
+        definition = context.validation_definitions.add(gx.ValidationDefinition(name=name, data=batch, suite=suite))
+        results.append((name, definition.run(batch_parameters={"dataframe": frames[name]}, result_format="SUMMARY")))
+    context.build_data_docs()
+    # GX's own index draws its table with scripts from public CDNs, so offline (and behind
+    # firewalls) it shows nothing; index.html becomes a self-contained summary linking GX's pages.
+    (docs / "index.html").replace(docs / "gx_index.html")
+    return results
+
+
+def _summarize(name: str, result: Any) -> dict[str, Any]:
+    config = result.expectation_config
+    kwargs = {k: v for k, v in config.kwargs.items() if k != "batch_id"}
+    severity = "critical" if name in CRITICAL_SUITES else "info"
+    entry: dict[str, Any] = {"suite": name, "expectation": config.type, "kwargs": kwargs,
+                             "severity": severity, "success": bool(result.success)}
+    for key in ("observed_value", "element_count", "unexpected_count", "partial_unexpected_list"):
+        if key in result.result:
+            entry[key] = result.result[key]
+    if result.exception_info.get("raised_exception"):
+        entry["exception"] = result.exception_info.get("exception_message")
+    return entry
+
+
+def _explain(entry: dict[str, Any], manifest: "pd.DataFrame", counts: "pd.DataFrame", params: Params) -> str:
+    """One sentence a person can act on, for a failed critical expectation."""
+    kwargs, limits = entry["kwargs"], params.validation
+    if entry["expectation"] == "expect_column_values_to_be_between" and kwargs.get("column") == "decodable":
+        short = counts[counts["decodable"] < limits.min_images_per_class]
+        return "; ".join(
+            f"class '{row.label}' of {row.task} has {row.decodable} decodable images, fewer than "
+            f"validate.min_images_per_class={limits.min_images_per_class}; add images or lower the threshold"
+            for row in short.itertuples())
+    if entry["expectation"] == "expect_column_unique_value_count_to_be_between":
+        task = kwargs["row_condition"]["parameter"]
+        return f"{task} has {entry.get('observed_value')} class folder(s); a classifier needs at least 2"
+    if entry["expectation"] == "expect_column_values_to_be_between":
+        side = manifest[kwargs["column"]]
+        bad = manifest[manifest["decodable"] & ((side < limits.min_side) | (side > limits.max_side))]
+        examples = ", ".join(f"{r.path} ({r.width}x{r.height})" for r in bad.head(3).itertuples())
+        return (f"{entry.get('unexpected_count')} decodable images have a {kwargs['column']} outside "
+                f"validate.min_side..max_side ({limits.min_side}..{limits.max_side}), e.g. {examples}; "
+                f"resize or remove them, or change the limits")
+    detail = entry.get("exception") or f"{entry.get('unexpected_count', entry.get('observed_value'))} unexpected"
+    return f"{entry['expectation']} {kwargs} failed ({detail})"
+
+
+_PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>tlpipe data validation</title><style>
+body {{font-family: sans-serif; margin: 2em}} table {{border-collapse: collapse}}
+td, th {{border: 1px solid #ccc; padding: 3px 8px; text-align: left}} tr.bad td {{background: #fdd}}
+.verdict {{font-size: 1.4em; font-weight: bold; color: {color}}}</style></head><body>
+<h1>Data validation</h1><p class="verdict">{verdict}</p><ul>{problems}</ul>
+<p>Info-severity expectations report what clean will quarantine; only critical ones fail the stage.</p>
+<h2>Great Expectations validation results</h2>
+<ul>{links}<li><a href="gx_index.html">GX index (its table needs internet for its scripts)</a></li></ul>
+<h2>Classes</h2><table><tr><th>task</th><th>class</th><th>files</th><th>decodable</th></tr>{classes}</table>
+<h2>Expectations</h2><table><tr><th>suite</th><th>severity</th><th>expectation</th><th>arguments</th><th>result</th>
+<th>observed / unexpected</th></tr>{expectations}</table></body></html>
+"""
+
+
+def _index_html(success: bool, entries: list[dict[str, Any]], counts: "pd.DataFrame", docs: Path,
+                problems: list[str]) -> str:
+    """A readable page with no external assets: verdict, problems, class counts, every expectation."""
+    def row(*values: Any, css: str = "") -> str:
+        return f'<tr class="{css}">' + "".join(f"<td>{html.escape(str(v))}</td>" for v in values) + "</tr>"
+
+    pages = sorted(docs.glob("validations/*/*/*/*.html"))  # validations/<suite>/<run>/<time>/<batch>.html
+    links = "".join(f'<li><a href="{p.relative_to(docs).as_posix()}">{html.escape(p.parents[2].name)}</a></li>'
+                    for p in pages)
+    expectations = "".join(
+        row(e["suite"], e["severity"], e["expectation"], json.dumps(e["kwargs"], default=str),
+            "passed" if e["success"] else "FAILED", e.get("observed_value", e.get("unexpected_count", "")),
+            css="ok" if e["success"] else "bad")
+        for e in entries)
+    return _PAGE.format(
+        color="#070" if success else "#b00", verdict="PASSED" if success else "FAILED",
+        problems="".join(f"<li>{html.escape(p)}</li>" for p in problems), links=links,
+        classes="".join(row(r.task, r.label, r.images, r.decodable) for r in counts.itertuples()),
+        expectations=expectations)
+
+
+def run(params: Params) -> ValidateResult:
+    """Write paths.manifest, paths.validation and paths.data_docs; raise if a critical expectation fails."""
+    paths = params.paths
+    # GX logs chatter at INFO, some of it while importing; the stage's own log says what matters.
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)
+    manifest, classes = _manifest(paths.raw, params.validation.max_pixels)
+    with atomic_path(paths.manifest) as temp:
+        manifest.to_csv(temp, index=False)
+    log.info("manifest: %d files -> %s", len(manifest), paths.manifest)
+
+    counts = _class_counts(manifest, classes)
+    # GX's pandas engine wants plain numbers; nullable integers become floats with NaN here only.
+    frames = {"manifest": manifest.astype({"width": "float64", "height": "float64"}),
+              "class_counts": counts, "informational": manifest}
+    with atomic_dir(paths.data_docs) as docs:
+        results = _run_gx(frames, _suites(params, classes), docs)
+        entries = [_summarize(name, r) for name, suite_result in results for r in suite_result.results]
+        success = all(e["success"] for e in entries if e["severity"] == "critical")
+        failed = [e for e in entries if e["severity"] == "critical" and not e["success"]]
+        problems = [_explain(e, manifest, counts, params) for e in failed]
+        write_text(docs / "index.html", _index_html(success, entries, counts, docs, problems))
+
+    undecodable = int((~manifest["decodable"]).sum())
+    duplicates = _duplicates(manifest)
+    tasks = {
+        task: {
+            "images": int((manifest["task"] == task).sum()),
+            "classes": {row.label: {"images": int(row.images), "decodable": int(row.decodable)}
+                        for row in counts[counts["task"] == task].itertuples()},
+        }
+        for task in TASKS
+    }
+    write_json(paths.validation, {"success": success, "tasks": tasks, "expectations": entries,
+                                  "undecodable": undecodable, "duplicates": duplicates})
+    result = ValidateResult(success, len(manifest), undecodable, duplicates, paths.data_docs)
+    if not success:
+        raise PipelineError(f"validation failed: {'; '.join(problems)}. Report: {paths.data_docs / 'index.html'}")
+    log.info("%s", result)
+    return result

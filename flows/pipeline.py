@@ -1,0 +1,85 @@
+"""The Prefect flow: the dvc.yaml stages in dvc.yaml order, one task each, run in this process."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from components.config import Params, load_params
+from components.errors import PipelineError
+from components.graph import stage_module, stage_names
+
+ARTIFACT_KEY = "tlpipe-run"
+
+
+def stage_order(stages: list[str] | None = None) -> list[str]:
+    """The stages to run in dvc.yaml order: all of them, or the named subset."""
+    names = stage_names()
+    unknown = [name for name in stages or [] if name not in names]
+    if unknown:
+        raise PipelineError(f"unknown stage(s) {', '.join(unknown)}: the stages are {', '.join(names)}")
+    return [name for name in names if not stages or name in stages]
+
+
+# No retries: a stage fails deterministically (bad data, a failed gate, a diverged fit), so a
+# retry only repeats the failure. No Prefect cache either: DVC is the cache.
+@task(retries=0, cache_policy=NO_CACHE)
+def run_stage(name: str, params: Params) -> Any:
+    return stage_module(name).run(params)
+
+
+def _report(path: Path) -> dict[str, Any]:
+    try:
+        report = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return report if isinstance(report, dict) else {}
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return "n/a" if value is None else str(value)
+
+
+def run_summary(params: Params, ran: list[str]) -> str:
+    """Markdown for the run's artifact, from the reports on disk; a missing report reads n/a."""
+    metrics, gates, export = (_report(p) for p in (params.paths.metrics, params.paths.gates, params.paths.export_report))
+    verdict = {True: "passed", False: "failed"}.get(gates.get("passed"), "n/a")
+    failed = [g.get("name") for g in gates.get("gates") or [] if isinstance(g, dict) and not g.get("passed")]
+    onnx = params.paths.onnx_model if params.paths.onnx_model.is_file() else None
+    rows = [
+        ("stages run", " -> ".join(ran)),
+        ("accuracy", _show(metrics.get("accuracy"))),
+        ("macro F1", _show(metrics.get("macro_f1"))),
+        ("gates", verdict + (f" ({', '.join(map(str, failed))})" if failed else "")),
+        ("ONNX model", _show(onnx)),
+        ("ONNX parity (max abs diff)", _show(export.get("max_abs_diff"))),
+    ]
+    return "\n".join(["# tlpipe run", "", "| | |", "| --- | --- |", *(f"| {k} | {v} |" for k, v in rows)])
+
+
+@flow(name="tlpipe")
+def pipeline(params_path: str = "params.yaml", stages: list[str] | None = None) -> dict[str, Any]:
+    """Run the dvc.yaml stages (or the named subset) in order; the first failure stops the run."""
+    logger = get_run_logger()
+    params = load_params(Path(params_path))
+    results: dict[str, Any] = {}
+    previous = None
+    for name in stage_order(stages):
+        state = run_stage.with_options(name=name, task_run_name=name)(
+            name, params, wait_for=[previous] if previous else None, return_state=True
+        )
+        try:
+            results[name] = state.result()
+        except PipelineError as error:
+            raise PipelineError(f"stage '{name}' failed: {error}") from error
+        logger.info("%s: %s", name, results[name])
+        previous = state
+    create_markdown_artifact(run_summary(params, list(results)), key=ARTIFACT_KEY, description="metrics, gates and model of the last run")
+    return results

@@ -1,0 +1,155 @@
+"""Clean: bad files and duplicates are quarantined with a reason, the rest normalized, split stably and reconciled."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from components import clean, ingest, validate
+from components.config import Params
+from components.errors import PipelineError
+from components.images import load_normalized
+from tests.conftest import shrunk_params, write_class_folders
+
+SPLITS = ("train", "val", "test")
+
+
+def _pipeline(params: Params) -> clean.CleanResult:
+    ingest.run(params)
+    validate.run(params)
+    return clean.run(params)
+
+
+def _user_params(tmp_path: Path, target: Path, extra: dict[str, object] | None = None) -> Params:
+    source = write_class_folders(tmp_path / "src", ["x", "y"], per_class=12, seed=1)
+    return shrunk_params(tmp_path, {"data.source_dir": str(source), "data.target_dir": str(target), **(extra or {})})
+
+
+def _split_of(params: Params, task: str) -> dict[str, str]:
+    """Output file name -> split, for every image clean wrote for `task`."""
+    root = params.paths.clean / task
+    return {p.name: p.relative_to(root).parts[0] for p in root.glob("*/*/*.png")}
+
+
+def test_bad_files_and_duplicates_are_quarantined_with_reasons(tmp_path: Path) -> None:
+    target = write_class_folders(tmp_path / "tgt", ["a", "b", "c"], per_class=12)
+    (target / "a" / "empty.png").write_bytes(b"")
+    valid = (target / "a" / "a_0000.png").read_bytes()
+    (target / "a" / "truncated.png").write_bytes(valid[: len(valid) // 2])
+    (target / "b" / "notes.png").write_text("this is text, not a picture")
+    (target / "c" / "copy.png").write_bytes((target / "c" / "c_0000.png").read_bytes())
+    (target / "b" / "stolen.png").write_bytes((target / "a" / "a_0001.png").read_bytes())
+    params = _user_params(tmp_path, target, {"clean.target_train_per_class": 4})
+
+    result = _pipeline(params)
+
+    report = json.loads(params.paths.quarantine.read_text())
+    reasons = {q["path"]: q["reason"] for q in report["quarantined"]}
+    assert set(reasons) == {"target/a/empty.png", "target/a/truncated.png", "target/b/notes.png", "target/c/copy.png",
+                            "target/a/a_0001.png", "target/b/stolen.png"}
+    assert reasons["target/a/empty.png"].startswith("undecodable: ")
+    assert "truncated" in reasons["target/a/truncated.png"]
+    assert reasons["target/b/notes.png"].startswith("undecodable: ")
+    assert reasons["target/c/copy.png"] == "duplicate of target/c/c_0000.png"
+    conflict = "label conflict: same image under labels a, b"
+    assert reasons["target/a/a_0001.png"] == reasons["target/b/stolen.png"] == conflict
+
+    # Every input file is kept, quarantined or held back, exactly once, per task and per class.
+    assert report["reconciled"] is True
+    counts = report["counts"]["target"]
+    assert counts["input"] == 41 and counts["quarantined"] == 6
+    assert counts["input"] == counts["kept"] + counts["quarantined"] + counts["held_back"]
+    for label, c in counts["per_class"].items():
+        files = len(list((params.paths.raw / "target" / label).iterdir()))
+        assert c["input"] == c["kept"] + c["quarantined"] + c["held_back"] == files
+        assert c["kept"] == c["train"] + c["val"] + c["test"]
+        # The label budget caps target train images per class; the rest are held back, not lost.
+        assert c["train"] == 4 == len(list((params.paths.clean / "target" / "train" / label).iterdir()))
+    assert len(report["held_back"]) == counts["held_back"] > 0
+    assert result.kept["target"] == counts["kept"] and result.quarantined == 6
+    assert report["counts"]["source"]["held_back"] == 0  # the budget is for the target task only
+
+    assert json.loads((params.paths.clean / "target" / "classes.json").read_text()) == ["a", "b", "c"]
+    written = list(params.paths.clean.glob("*/*/*/*.png"))
+    assert len(written) == counts["kept"] + report["counts"]["source"]["kept"]
+    assert {Image.open(p).size for p in written} == {(16, 16)} and {Image.open(p).mode for p in written} == {"L"}
+
+    (params.paths.raw / "target" / "a" / "late.png").write_bytes(valid)
+    with pytest.raises(PipelineError, match="rerun `tlpipe stage validate`"):
+        clean.run(params)  # a manifest that no longer matches data/raw is not trusted
+
+
+def test_rgba_and_palette_images_become_the_configured_mode_and_size(tmp_path: Path) -> None:
+    target = write_class_folders(tmp_path / "tgt", ["a", "b"], per_class=12, mode="RGB")
+    rgba = Image.new("RGBA", (20, 10), (255, 0, 0, 255))
+    rgba.paste((0, 0, 0, 0), (0, 0, 10, 10))  # left half fully transparent
+    rgba.save(target / "a" / "rgba.png")
+    palette = Image.new("P", (24, 24), 0)
+    palette.putpalette([0, 0, 255] + [0, 255, 0] * 255)
+    palette.paste(1, (0, 0, 24, 12))  # top half green, bottom half blue (index 0)...
+    palette.save(target / "b" / "palette.png", transparency=0)  # ...and index 0 is transparent
+    sixteen = Image.fromarray(np.full((12, 12), 65535, dtype=np.uint16))
+    sixteen.save(target / "b" / "sixteen.png")
+    params = _user_params(tmp_path, target, {"data.color_mode": "rgb"})
+
+    _pipeline(params)
+
+    def output(name: str) -> np.ndarray:
+        (path,) = params.paths.clean.glob(f"target/*/*/{name}")
+        image = Image.open(path)
+        assert image.size == (16, 16) and image.mode == "RGB"
+        return np.asarray(image)
+
+    rgba_pixels = output("rgba.png")
+    assert tuple(rgba_pixels[8, 1]) == (255, 255, 255)  # transparent composited on white, not black
+    assert tuple(rgba_pixels[8, 14]) == (255, 0, 0)
+    palette_pixels = output("palette.png")
+    assert tuple(palette_pixels[1, 8]) == (0, 255, 0) and tuple(palette_pixels[14, 8]) == (255, 255, 255)
+    assert (output("sixteen.png") == 255).all()  # 16-bit white stays white, not clipped noise
+
+
+def test_exif_orientation_is_applied(tmp_path: Path) -> None:
+    image = Image.new("L", (20, 10), 0)
+    image.paste(255, (0, 0, 10, 10))  # stored: left half white
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    image.save(tmp_path / "photo.jpg", exif=exif, quality=95)
+    upright = np.asarray(load_normalized(tmp_path / "photo.jpg", 10, "L"))
+    assert upright.shape == (10, 10)
+    assert upright[1, 5] > 200 and upright[8, 5] < 50  # displayed: top half white
+
+
+def test_existing_images_keep_their_split_when_images_are_added(tmp_path: Path) -> None:
+    target = write_class_folders(tmp_path / "tgt", ["a", "b"], per_class=20)
+    params = _user_params(tmp_path, target, {"clean.target_train_per_class": None})
+    _pipeline(params)
+    before = _split_of(params, "target")
+
+    more = write_class_folders(tmp_path / "more", ["a", "b"], per_class=15, seed=7)
+    for path in more.glob("*/*.png"):
+        shutil.copyfile(path, target / path.parent.name / f"new_{path.name}")
+    _pipeline(params)
+    after = _split_of(params, "target")
+
+    assert len(after) == len(before) + 30
+    assert {name: after[name] for name in before} == before
+    assert {split for split in after.values()} == set(SPLITS)
+
+
+def test_small_classes_get_every_split_and_too_small_ones_fail(tmp_path: Path) -> None:
+    target = write_class_folders(tmp_path / "tgt", ["a", "b"], per_class=12)
+    for extra in sorted((target / "b").iterdir())[3:]:
+        extra.unlink()
+    params = _user_params(tmp_path, target, {"validate.min_images_per_class": 1})
+    _pipeline(params)
+    for split in SPLITS:
+        assert len(list((params.paths.clean / "target" / split / "b").iterdir())) == 1
+
+    (target / "b" / "b_0002.png").unlink()
+    with pytest.raises(PipelineError, match="class 'b' of target has 2 usable image"):
+        _pipeline(params)

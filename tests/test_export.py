@@ -1,0 +1,156 @@
+"""Export stage: a real tiny model -> ONNX with labels in metadata, parity-checked; and the run summary."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import keras
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from components import export
+from components.artifacts import write_json
+from components.config import Params, with_overrides
+from components.errors import PipelineError
+from components.models import build_model, load_model_dir, save_model_dir
+from components.summary import summary
+from tests.conftest import shrunk_params, write_class_folders
+
+CLASSES = ["5", "6", "7"]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Params, export.ExportResult]:
+    """One real export, shared by the tests below (conversion is the slow part)."""
+    params = shrunk_params(tmp_path_factory.mktemp("export"))
+    size = params.data.image_size
+    write_class_folders(params.paths.clean / "target" / "test", CLASSES, per_class=4, size=(size, size))
+    (params.paths.clean / "target" / "classes.json").write_text(json.dumps(CLASSES))
+    gate = {"name": "accuracy", "value": 1.0, "threshold": 0.0, "passed": True}
+    write_json(params.paths.gates, {"passed": True, "gates": [gate]})
+    keras.utils.set_random_seed(params.seed)
+    model = build_model(params.model, params.data, len(CLASSES), bn_inference=True)
+    save_model_dir(model, tuple(CLASSES), params.paths.finetuned_model)
+    return params, export.run(params)
+
+
+def _elsewhere(params: Params, name: str, extra: dict[str, object] | None = None) -> Params:
+    """The same inputs, with the stage's outputs sent to fresh paths (so a test sees what it writes)."""
+    out = params.paths.onnx_model.parent / name
+    return with_overrides(
+        params,
+        {"paths.onnx_model": str(out / "model.onnx"), "paths.export_report": str(out / "export.json"), **(extra or {})},
+    )
+
+
+def test_export_writes_a_checked_onnx_model_with_its_contract(exported: tuple[Params, export.ExportResult]) -> None:
+    params, result = exported
+    path = params.paths.onnx_model
+    model = onnx.load(path)
+    onnx.checker.check_model(model)
+    meta = {prop.key: prop.value for prop in model.metadata_props}
+    assert json.loads(meta["labels"]) == CLASSES
+    spec = json.loads(meta["input_spec"])
+    assert spec == {
+        "name": "input",
+        "dtype": "uint8",
+        "layout": "NHWC",
+        "channels": 1,
+        "color_mode": "grayscale",
+        "image_size": params.data.image_size,
+    }
+    assert "scales and resizes inside" in meta["preprocessing"]
+    assert meta["tlpipe_version"]
+
+    report = json.loads(params.paths.export_report.read_text())
+    assert report["max_abs_diff"] <= 1e-4
+    assert report["opset"] == params.export.opset == result.opset
+    assert {op.domain: op.version for op in model.opset_import}[""] == params.export.opset
+    assert report["parity_images"] == 3 * 4  # fewer test images than export.parity_images
+    assert report["labels"] == CLASSES
+    assert report["outputs"] == [{"name": "head", "shape": [None, len(CLASSES)], "type": "tensor(float)"}]
+    assert report["size_bytes"] == path.stat().st_size == result.size_bytes
+    assert len(report["onnx_sha256"]) == 64
+    assert str(params.paths.onnx_model) in str(result)
+
+
+def test_onnx_model_takes_any_batch_and_image_size(exported: tuple[Params, export.ExportResult]) -> None:
+    params, _ = exported
+    session = ort.InferenceSession(str(params.paths.onnx_model), providers=["CPUExecutionProvider"])
+    keras_model, _ = load_model_dir(params.paths.finetuned_model)
+    rng = np.random.default_rng(1)
+    for shape in [(1, 16, 16, 1), (3, 40, 24, 1), (2, 9, 61, 1)]:
+        x = rng.integers(0, 256, size=shape, dtype=np.uint8)
+        probabilities = session.run(None, {"input": x})[0]
+        assert probabilities.shape == (shape[0], len(CLASSES))
+        np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+        np.testing.assert_allclose(probabilities, keras_model.predict(x, verbose=0), atol=1e-4)
+
+
+def test_parity_beyond_the_bound_fails_and_writes_nothing(exported: tuple[Params, export.ExportResult]) -> None:
+    params, result = exported
+    if result.max_abs_diff == 0.0:
+        pytest.skip("onnxruntime matched Keras exactly here; export.max_abs_diff must be > 0, so no bound is below it")
+    strict = _elsewhere(params, "strict", {"export.max_abs_diff": result.max_abs_diff / 2})
+    with pytest.raises(PipelineError, match="ONNX and Keras disagree"):
+        export.run(strict)
+    assert not strict.paths.onnx_model.parent.exists() or not any(strict.paths.onnx_model.parent.iterdir())
+
+
+def test_labels_that_do_not_match_the_data_are_refused(exported: tuple[Params, export.ExportResult]) -> None:
+    params, _ = exported
+    relabelled = params.paths.finetuned_model.parent / "relabelled"
+    shutil.copytree(params.paths.finetuned_model, relabelled)
+    (relabelled / "labels.json").write_text(json.dumps(["7", "6", "5"]))
+    wrong = _elsewhere(params, "wrong", {"paths.finetuned_model": str(relabelled)})
+    wrong.paths.onnx_model.parent.mkdir(parents=True)
+    wrong.paths.onnx_model.write_bytes(b"the previous export")
+    with pytest.raises(PipelineError, match="do not match the cleaned target classes"):
+        export.run(wrong)
+    assert wrong.paths.onnx_model.read_bytes() == b"the previous export"  # left as it was, not half-replaced
+    assert sorted(p.name for p in wrong.paths.onnx_model.parent.iterdir()) == ["model.onnx"]
+
+
+def test_a_model_that_failed_its_gates_is_not_exported(exported: tuple[Params, export.ExportResult]) -> None:
+    params, _ = exported
+    failed = _elsewhere(params, "failed", {"paths.gates": str(params.paths.gates.parent / "failed_gates.json")})
+    gate = {"name": "macro_f1", "value": 0.4, "threshold": 0.9, "passed": False}
+    write_json(failed.paths.gates, {"passed": False, "gates": [gate]})
+    with pytest.raises(PipelineError, match="did not pass its gates.*macro_f1"):
+        export.run(failed)
+    assert not failed.paths.onnx_model.exists()
+
+
+def test_summary_reports_every_stage_and_a_real_image_to_try(exported: tuple[Params, export.ExportResult]) -> None:
+    params, result = exported
+    paths = params.paths
+    write_json(paths.metrics, {"accuracy": 0.9731, "macro_f1": 0.9702, "per_class": {}})
+    transfer = {"transferred": ["a", "b"], "skipped": [{"layer": "c"}], "reinitialized": ["head"]}
+    write_json(paths.transfer_report, transfer)
+    per_task = {"input": 10, "kept": 8, "quarantined": 1, "held_back": 1, "splits": {"train": 5}, "per_class": {}}
+    write_json(paths.quarantine, {"quarantined": [], "counts": {"source": per_task, "target": per_task}})
+    image = paths.raw / "target" / "5" / "digit_0001.png"
+    write_class_folders(paths.raw / "target", ["5"], per_class=1)
+    (paths.raw / "target" / "5" / "5_0000.png").rename(image)
+
+    text = summary(params)
+    assert "accuracy 0.9731, macro F1 0.9702" in text
+    assert "gates: PASSED" in text and "pass  accuracy: 1 (threshold 0)" in text
+    assert "transfer: 2 transferred, 1 skipped, 1 reinitialized layers" in text
+    totals = "input 10, kept 8, quarantined 1, held_back 1"
+    assert f"quarantine: source: {totals}; target: {totals}" in text
+    assert f"max |onnx - keras| {result.max_abs_diff:.4g}" in text
+    assert f"tlpipe predict {paths.onnx_model} {image}" in text
+    assert "dvc plots show" in text
+
+
+def test_summary_names_the_stages_that_have_not_run(params: Params) -> None:
+    text = summary(params)
+    assert "the evaluate stage has not run yet" in text
+    assert "the export stage has not run yet" in text
+    assert "tlpipe predict" not in text  # no model to try yet
+    assert "dvc plots show" in text

@@ -1,0 +1,65 @@
+"""Stages `finetune` and `evaluate`: two-phase training, metrics and the gates that stop a bad model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from components import evaluate, finetune, source, transfer
+from components.config import Params, with_overrides
+from components.errors import PipelineError
+from components.models import load_model_dir
+
+
+@pytest.fixture
+def transferred(clean_dataset: Params) -> Params:
+    params = with_overrides(clean_dataset, {"source.epochs": 3, "source.batch_size": 16})
+    source.run(params)
+    transfer.run(params)
+    return params
+
+
+def test_finetune_trains_both_phases_and_evaluate_reports_and_passes(transferred: Params) -> None:
+    params = with_overrides(transferred, {"finetune.head_epochs": 3, "finetune.epochs": 2,
+                                          "finetune.batch_size": 16, "evaluate.min_accuracy": 0.5})
+    finetune.run(params)
+
+    report = json.loads(params.paths.finetune_report.read_text())
+    assert set(report["phases"]) == {"head", "unfrozen"}
+    assert report["kept_phase"] in ("head", "unfrozen")
+    curves = params.paths.training_curves / "finetune" / "plots" / "metrics" / "val_loss.tsv"
+    assert len(curves.read_text().splitlines()) == 1 + sum(p["epochs_run"] for p in report["phases"].values())
+
+    result = evaluate.run(params)
+    metrics = json.loads(params.paths.metrics.read_text())
+    assert metrics["accuracy"] == result.accuracy >= 0.5
+    assert set(metrics["per_class"]) == {"x", "y", "z"}
+    assert sum(c["support"] for c in metrics["per_class"].values()) == metrics["test_images"] == 24
+    gates = json.loads(params.paths.gates.read_text())
+    assert gates["passed"] is True
+    assert [g["name"] for g in gates["gates"]] == ["min_accuracy", "min_macro_f1"]
+    assert params.paths.confusion.read_text().splitlines()[0] == "actual,predicted"
+    assert params.paths.confusion_png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_failed_gate_fails_evaluate_with_the_reason_and_keeps_the_reports(transferred: Params) -> None:
+    # No training at all: the head is random, far below a 0.99 accuracy gate.
+    params = with_overrides(transferred, {"finetune.head_epochs": 0, "finetune.epochs": 0,
+                                          "evaluate.min_accuracy": 0.99})
+    finetune.run(params)
+    with pytest.raises(PipelineError, match=r"gates failed \(min_accuracy: 0\.\d+ < 0\.99"):
+        evaluate.run(params)
+    gates = json.loads(params.paths.gates.read_text())
+    assert gates["passed"] is False
+    assert next(g for g in gates["gates"] if g["name"] == "min_accuracy")["passed"] is False
+
+
+def test_unfreeze_top_n_leaves_lower_layers_frozen(transferred: Params) -> None:
+    params = with_overrides(transferred, {"finetune.unfreeze_top": 2, "finetune.head_epochs": 0})
+    model, _ = load_model_dir(params.paths.transferred_model)
+    names = finetune.unfreeze_top(model, 2)
+    assert names == ["block3_conv2", "block3_bn2"]
+    backbone = model.get_layer("backbone")
+    assert backbone.get_layer("block3_conv2").trainable and not backbone.get_layer("block1_conv1").trainable
+    assert len(model.trainable_weights) == 2 + 1 + 2  # conv kernel, BN gamma and beta, head kernel and bias

@@ -1,0 +1,169 @@
+"""The graph is written once, in dvc.yaml: commands, modules, order, params and paths all agree with it."""
+
+from __future__ import annotations
+
+import inspect
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import pytest
+import yaml
+
+from components.errors import PipelineError
+from components.graph import stage_module
+from tests.conftest import REPO
+
+STAGES: dict[str, dict[str, Any]] = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+PARAMS: dict[str, Any] = yaml.safe_load((REPO / "params.yaml").read_text())
+TEMPLATE = re.compile(r"\$\{([^}]*)\}")
+OUTPUT_KINDS = ("outs", "metrics", "plots")
+
+
+def lookup(dotted: str) -> Any:
+    value: Any = PARAMS
+    for part in dotted.strip().split("."):
+        value = value[part]
+    return value
+
+
+def resolve(text: str) -> PurePosixPath:
+    return PurePosixPath(TEMPLATE.sub(lambda match: str(lookup(match.group(1))), text))
+
+
+def raw_entries(stage: dict[str, Any], kind: str) -> Iterator[str]:
+    """A stage's deps/outs/metrics/plots as written: a string, or the key of `{path: options}`."""
+    for item in stage.get(kind) or []:
+        yield next(iter(item)) if isinstance(item, dict) else item
+
+
+def entries(stage: dict[str, Any], *kinds: str) -> list[PurePosixPath]:
+    return [resolve(raw) for kind in kinds for raw in raw_entries(stage, kind)]
+
+
+def strings(node: Any) -> Iterator[str]:
+    """Every string in a YAML document, mapping keys included (outs with options are keyed by path)."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from strings(key)
+            yield from strings(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from strings(item)
+    elif isinstance(node, str):
+        yield node
+
+
+def outputs(name: str) -> list[PurePosixPath]:
+    return entries(STAGES[name], *OUTPUT_KINDS)
+
+
+def overlap(a: PurePosixPath, b: PurePosixPath) -> bool:
+    """The same path, or one inside the other (DVC tracks folders whole)."""
+    return a == b or a in b.parents or b in a.parents
+
+
+def tlpipe(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "components", *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("name", list(STAGES))
+def test_every_stage_calls_the_cli_with_its_own_name(name: str) -> None:
+    assert STAGES[name]["cmd"] == f"tlpipe stage {name}"
+
+
+@pytest.mark.parametrize("name", list(STAGES))
+def test_every_stage_has_a_component_with_run_params_and_depends_on_it(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(REPO)
+    module = stage_module(name)  # the same lookup `tlpipe stage` and the flow use
+    assert Path(module.__file__) == REPO / "components" / f"{name}.py"
+    assert callable(module.run)
+    inspect.signature(module.run).bind("params")  # callable as run(params)
+    assert PurePosixPath(f"components/{name}.py") in entries(STAGES[name], "deps"), "a code change must rerun the stage"
+
+
+def test_every_code_dependency_exists() -> None:
+    code = {dep for stage in STAGES.values() for dep in entries(stage, "deps") if dep.parts[0] == "components"}
+    assert code, "dvc.yaml lists no code dependencies"
+    assert sorted(str(dep) for dep in code if not (REPO / dep).is_file()) == []
+
+
+def test_every_template_resolves_to_a_value_in_params_yaml() -> None:
+    used = {match for text in strings(STAGES) for match in TEMPLATE.findall(text)}
+    assert used
+    for dotted in sorted(used):
+        try:
+            value = lookup(dotted)
+        except (KeyError, TypeError):
+            pytest.fail(f"dvc.yaml uses ${{{dotted}}}, which params.yaml does not define")
+        assert isinstance(value, (str, int, float)), f"${{{dotted}}} is a {type(value).__name__}, not a value"
+
+
+def test_every_path_is_written_once_in_params_yaml_and_used_by_dvc_yaml() -> None:
+    used = {match.strip() for text in strings(STAGES) for match in TEMPLATE.findall(text)}
+    assert sorted(f"paths.{key}" for key in PARAMS["paths"] if f"paths.{key}" not in used) == []
+    for name, stage in STAGES.items():
+        for kind in ("deps", *OUTPUT_KINDS):
+            for raw in raw_entries(stage, kind):
+                is_code = raw.startswith("components/")
+                assert is_code or raw.startswith("${paths."), f"{name} {kind}: '{raw}' is hard-coded, not from params.yaml paths:"
+
+
+def test_no_two_outputs_overlap() -> None:
+    declared = [(output, name) for name in STAGES for output in outputs(name)]
+    for i, (a, first) in enumerate(declared):
+        for b, second in declared[i + 1 :]:
+            assert not overlap(a, b), f"{first} writes {a} and {second} writes {b}"
+
+
+def test_dvc_yaml_order_is_a_topological_order_of_deps_and_outs() -> None:
+    names = list(STAGES)
+    for index, name in enumerate(names):
+        for dep in entries(STAGES[name], "deps"):
+            if dep.parts[0] == "components":
+                continue
+            writers = [other for other in names if any(overlap(dep, output) for output in outputs(other))]
+            assert writers, f"{name} depends on {dep}, which no stage writes"
+            assert all(names.index(writer) < index for writer in writers), f"{name} depends on {dep}, written by {writers}, which run later"
+
+
+def test_every_params_section_a_stage_lists_exists_and_every_section_is_tracked() -> None:
+    listed = {section for stage in STAGES.values() for section in stage.get("params") or []}
+    assert all(isinstance(section, str) for section in listed), "params entries are whole params.yaml sections"
+    assert sorted(listed - set(PARAMS)) == [], "a stage lists a section params.yaml does not have"
+    assert sorted(set(PARAMS) - listed - {"paths"}) == [], "a section no stage lists never reruns anything when it changes"
+    for name, stage in STAGES.items():
+        if name in PARAMS:
+            assert name in (stage.get("params") or []), f"stage {name} does not list its own params section"
+
+
+def test_the_flow_runs_the_dvc_yaml_stages_in_dvc_yaml_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    from flows.pipeline import stage_order
+
+    monkeypatch.chdir(REPO)
+    assert stage_order() == list(STAGES)
+    first, *_, last = STAGES
+    assert stage_order([last, first]) == [first, last]
+    with pytest.raises(PipelineError, match="nosuch") as error:
+        stage_order([first, "nosuch"])
+    assert all(name in str(error.value) for name in STAGES)
+
+
+def test_an_unknown_stage_exits_1_listing_the_stages() -> None:
+    result = tlpipe("stage", "nosuch")
+    assert result.returncode == 1
+    assert "unknown stage 'nosuch'" in result.stderr
+    assert all(name in result.stderr for name in STAGES)
+
+
+def test_an_unknown_params_key_fails_fast_naming_it(tmp_path: Path) -> None:
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["validate"]["min_images_per_clas"] = 5
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(raw))
+    result = tlpipe("stage", "validate", "--params", str(tmp_path / "bad.yaml"))
+    assert result.returncode == 1
+    assert "unknown key 'validate.min_images_per_clas'" in result.stderr
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["bad.yaml"], "no work before the params are checked"

@@ -1,0 +1,99 @@
+"""Ingest: the embedded digits or the user's folders land in data/raw, and an unchanged input rewrites nothing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from components import ingest
+from components.config import Params
+from components.errors import PipelineError
+from tests.conftest import shrunk_params, write_class_folders
+
+
+def _files(root: Path) -> dict[str, int]:
+    """Relative path -> mtime_ns of every file under root, the ingest record included."""
+    return {p.relative_to(root).as_posix(): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+
+
+def test_embedded_digits_are_written_once(params: Params) -> None:
+    from sklearn.datasets import load_digits
+
+    first = ingest.run(params)
+    raw = params.paths.raw
+    digits = load_digits()
+    assert first.rewritten
+    assert sorted(p.name for p in (raw / "source").iterdir()) == ["0", "1", "2", "3", "4"]
+    assert sorted(p.name for p in (raw / "target").iterdir()) == ["5", "6", "7", "8", "9"]
+    for task in ("source", "target"):
+        for folder in (raw / task).iterdir():
+            assert len(list(folder.glob("digit_*.png"))) == int((digits.target == int(folder.name)).sum())
+    assert sum(first.images.values()) == 1797
+    # The file is the sklearn sample of that index, scaled from 0..16 to 0..255.
+    index = int(np.flatnonzero(digits.target == 7)[3])
+    pixels = np.asarray(Image.open(raw / "target" / "7" / f"digit_{index:05d}.png"))
+    assert pixels.dtype == np.uint8 and pixels.shape == (8, 8)
+    np.testing.assert_array_equal(pixels, np.rint(digits.images[index] * 255 / 16).astype(np.uint8))
+
+    before = _files(raw)
+    second = ingest.run(params)
+    assert not second.rewritten
+    assert _files(raw) == before  # DVC sees identical outputs, so no later stage reruns
+
+
+def test_changed_classes_rewrite_the_tree(tmp_path: Path) -> None:
+    params = shrunk_params(tmp_path, {"data.embedded_source_classes": [0, 1], "data.embedded_target_classes": [2]})
+    ingest.run(params)
+    changed = shrunk_params(tmp_path, {"data.embedded_source_classes": [0, 1], "data.embedded_target_classes": [2, 3]})
+    result = ingest.run(changed)
+    assert result.rewritten
+    assert sorted(p.name for p in (changed.paths.raw / "target").iterdir()) == ["2", "3"]
+    assert not list(tmp_path.glob("data/.raw.*"))  # no temporary folders left behind
+
+
+def test_user_folders_are_copied_whole(tmp_path: Path) -> None:
+    user = write_class_folders(tmp_path / "mine", ["cat", "dog"], per_class=3)
+    (user / "dog" / "puppies").mkdir()
+    (user / "dog" / "puppies" / "p1.jpg").write_bytes(b"not really a jpeg")  # bad files are copied too
+    (user / "empty").mkdir()
+    (user / "README.txt").write_text("outside any class folder")
+    params = shrunk_params(tmp_path, {"data.target_dir": str(user), "data.embedded_source_classes": [0, 1]})
+
+    result = ingest.run(params)
+    target = params.paths.raw / "target"
+    copied = sorted(p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file())
+    assert copied == ["cat/cat_0000.png", "cat/cat_0001.png", "cat/cat_0002.png",
+                      "dog/dog_0000.png", "dog/dog_0001.png", "dog/dog_0002.png", "dog/puppies/p1.jpg"]
+    assert (target / "empty").is_dir()
+    assert (target / "dog/puppies/p1.jpg").read_bytes() == b"not really a jpeg"
+    assert result.images["target"] == 7 and result.classes["target"] == 3
+    assert sorted(p.name for p in (params.paths.raw / "source").iterdir()) == ["0", "1"]
+
+    assert not ingest.run(params).rewritten
+    (user / "cat" / "cat_0003.png").write_bytes((user / "cat" / "cat_0000.png").read_bytes())
+    assert ingest.run(params).rewritten
+    assert (target / "cat" / "cat_0003.png").is_file()
+
+    (target / "cat" / "cat_0003.png").unlink()  # a hand-deleted output is noticed
+    assert ingest.run(params).rewritten
+    assert (target / "cat" / "cat_0003.png").is_file()
+
+
+def test_missing_user_folder_is_named(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere"
+    params = shrunk_params(tmp_path, {"data.source_dir": str(missing)})
+    with pytest.raises(PipelineError, match=r"data\.source_dir '.*nowhere' does not exist"):
+        ingest.run(params)
+    assert not params.paths.raw.exists()
+
+
+def test_folder_without_class_subfolders_is_refused(tmp_path: Path) -> None:
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    Image.new("L", (12, 12)).save(flat / "a.png")
+    params = shrunk_params(tmp_path, {"data.target_dir": str(flat)})
+    with pytest.raises(PipelineError, match="has no class subfolders"):
+        ingest.run(params)
