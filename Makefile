@@ -6,6 +6,8 @@ UV_VERSION := 0.13.8
 export TF_CPP_MIN_LOG_LEVEL := 2
 export GX_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
+# dvc.yaml's commands call `tlpipe`: the venv's bin comes first, as after `source .venv/bin/activate`.
+export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .PHONY: run test test-all setup setup-test lock clean-outputs
 

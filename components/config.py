@@ -1,4 +1,7 @@
-"""params.yaml, parsed once into frozen typed models: a typo or a bad value fails before any work."""
+"""params.yaml, parsed once into frozen typed models: a typo or a bad value fails before any work.
+
+Every default lives in params.yaml alone, so every field here is required.
+"""
 
 from __future__ import annotations
 
@@ -18,12 +21,12 @@ class _Section(BaseModel):
 
 
 class DataParams(_Section):
-    source_dir: str = ""
-    target_dir: str = ""
-    embedded_source_classes: tuple[int, ...] = (0, 1, 2, 3, 4)
-    embedded_target_classes: tuple[int, ...] = (5, 6, 7, 8, 9)
-    image_size: int = Field(32, ge=8, le=1024)
-    color_mode: Literal["grayscale", "rgb"] = "grayscale"
+    source_dir: str
+    target_dir: str
+    embedded_source_classes: tuple[int, ...]
+    embedded_target_classes: tuple[int, ...]
+    image_size: int = Field(ge=8, le=1024)
+    color_mode: Literal["grayscale", "rgb"]
 
     @property
     def channels(self) -> int:
@@ -35,16 +38,16 @@ class DataParams(_Section):
 
 
 class ValidateParams(_Section):
-    min_images_per_class: int = Field(10, ge=1)
-    min_side: int = Field(8, ge=1)
-    max_side: int = Field(8192, ge=1)
-    max_pixels: int = Field(89_478_485, ge=1)
+    min_images_per_class: int = Field(ge=1)
+    min_side: int = Field(ge=1)
+    max_side: int = Field(ge=1)
+    max_pixels: int = Field(ge=1)
 
 
 class CleanParams(_Section):
-    val_fraction: float = Field(0.15, gt=0, lt=1)
-    test_fraction: float = Field(0.25, gt=0, lt=1)
-    target_train_per_class: int | None = Field(50, ge=1)
+    val_fraction: float = Field(gt=0, lt=1)
+    test_fraction: float = Field(gt=0, lt=1)
+    target_train_per_class: int | None = Field(ge=1)
 
     @model_validator(mode="after")
     def _fractions_leave_a_train_split(self) -> "CleanParams":
@@ -57,20 +60,20 @@ Backbone = Literal["simple_cnn", "mobilenet_v3_small", "mobilenet_v3_large", "ef
 
 
 class ModelParams(_Section):
-    backbone: Backbone = "simple_cnn"
-    width: int = Field(32, ge=1)
-    dropout: float = Field(0.2, ge=0, lt=1)
+    backbone: Backbone
+    width: int = Field(ge=1)
+    dropout: float = Field(ge=0, lt=1)
 
 
 class SourceParams(_Section):
-    mode: Literal["train", "download"] = "train"
-    weights: str = ""
-    sha256: str = ""
-    cache_dir: str = ".cache/weights"
-    epochs: int = Field(15, ge=1)
-    batch_size: int = Field(64, ge=1)
-    learning_rate: float = Field(0.002, gt=0)
-    patience: int = Field(4, ge=1)
+    mode: Literal["train", "download"]
+    weights: str
+    sha256: str
+    cache_dir: str
+    epochs: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    learning_rate: float = Field(gt=0)
+    patience: int = Field(ge=1)
 
     @model_validator(mode="after")
     def _download_names_weights(self) -> "SourceParams":
@@ -82,29 +85,29 @@ class SourceParams(_Section):
 
 
 class TransferParams(_Section):
-    layers: tuple[str, ...] = ("backbone.*",)
-    freeze: Literal["backbone", "none"] = "backbone"
+    layers: tuple[str, ...]
+    freeze: Literal["backbone", "none"]
 
 
 class FinetuneParams(_Section):
-    batch_size: int = Field(32, ge=1)
-    head_epochs: int = Field(15, ge=0)
-    head_learning_rate: float = Field(0.003, gt=0)
-    epochs: int = Field(20, ge=0)
-    learning_rate: float = Field(0.0003, gt=0)
-    unfreeze_top: int = Field(-1, ge=-1)
-    patience: int = Field(5, ge=1)
+    batch_size: int = Field(ge=1)
+    head_epochs: int = Field(ge=0)
+    head_learning_rate: float = Field(gt=0)
+    epochs: int = Field(ge=0)
+    learning_rate: float = Field(gt=0)
+    unfreeze_top: int = Field(ge=-1)
+    patience: int = Field(ge=1)
 
 
 class EvaluateParams(_Section):
-    min_accuracy: float = Field(0.9, ge=0, le=1)
-    min_macro_f1: float = Field(0.9, ge=0, le=1)
+    min_accuracy: float = Field(ge=0, le=1)
+    min_macro_f1: float = Field(ge=0, le=1)
 
 
 class ExportParams(_Section):
-    opset: int = Field(17, ge=13)
-    max_abs_diff: float = Field(1e-4, gt=0)
-    parity_images: int = Field(64, ge=1)
+    opset: int = Field(ge=13)
+    max_abs_diff: float = Field(gt=0)
+    parity_images: int = Field(ge=1)
 
 
 class Paths(_Section):
@@ -130,16 +133,16 @@ class Paths(_Section):
 
 
 class Params(_Section):
-    seed: int = 42
-    data: DataParams = DataParams()
-    validate_: ValidateParams = Field(ValidateParams(), alias="validate")
-    clean: CleanParams = CleanParams()
-    model: ModelParams = ModelParams()
-    source: SourceParams = SourceParams()
-    transfer: TransferParams = TransferParams()
-    finetune: FinetuneParams = FinetuneParams()
-    evaluate: EvaluateParams = EvaluateParams()
-    export: ExportParams = ExportParams()
+    seed: int
+    data: DataParams
+    validate_: ValidateParams = Field(alias="validate")
+    clean: CleanParams
+    model: ModelParams
+    source: SourceParams
+    transfer: TransferParams
+    finetune: FinetuneParams
+    evaluate: EvaluateParams
+    export: ExportParams
     paths: Paths
 
     @property
@@ -161,6 +164,8 @@ def _describe(error: ValidationError, source: Path) -> str:
         key = key.replace("validate_", "validate")
         if item["type"] == "extra_forbidden":
             lines.append(f"  - unknown key '{key}': remove it or fix its spelling")
+        elif item["type"] == "missing":
+            lines.append(f"  - missing key '{key}': add it (the repository's params.yaml lists every key)")
         else:
             lines.append(f"  - '{key}': {item['msg']}")
     return "\n".join(lines)

@@ -1,0 +1,52 @@
+"""params.yaml: every section loads from the real file, and mistakes fail before any work, naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from components.config import load_params
+from components.errors import PipelineError
+from tests.conftest import REPO
+
+
+def _write(tmp_path: Path, edit) -> Path:
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    edit(raw)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_the_real_params_load_into_every_section(tmp_path: Path) -> None:
+    params = load_params(REPO / "params.yaml", root=tmp_path)
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    for section in raw:
+        assert getattr(params, "validation" if section == "validate" else section) is not None
+    assert params.paths.raw == tmp_path / raw["paths"]["raw"]
+    with pytest.raises(Exception):
+        params.finetune.epochs = 3  # frozen: nothing changes the params behind a stage's back
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda raw: raw["finetune"].update(epoch=3), "unknown key 'finetune.epoch'"),
+        (lambda raw: raw.update(finetuen={}), "unknown key 'finetuen'"),
+        (lambda raw: raw["data"].update(color_mode="sepia"), "'data.color_mode'"),
+        (lambda raw: raw["clean"].update(val_fraction=1.5), "'clean.val_fraction'"),
+        (lambda raw: raw["evaluate"].pop("min_accuracy"), "missing key 'evaluate.min_accuracy'"),
+        (lambda raw: raw["source"].update(mode="download", weights="http://x/w.keras"), "sha256"),
+    ],
+)
+def test_mistakes_fail_naming_the_key(tmp_path: Path, edit, message: str) -> None:
+    with pytest.raises(PipelineError) as error:
+        load_params(_write(tmp_path, edit))
+    assert message in str(error.value)
+
+
+def test_relative_user_folders_are_taken_from_the_repository(tmp_path: Path) -> None:
+    path = _write(tmp_path, lambda raw: raw["data"].update(source_dir="mine/source"))
+    assert load_params(path).data.source_dir == str(tmp_path / "mine/source")
