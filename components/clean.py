@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import csv
-import hashlib
-import io
 import json
 import logging
 from collections import defaultdict
@@ -15,7 +13,8 @@ from typing import Any
 from components.artifacts import atomic_dir, write_json, write_text
 from components.config import Params
 from components.errors import PipelineError
-from components.images import MANIFEST_COLUMNS, TASKS, class_folders, list_class_images, load_normalized
+from components.images import (MANIFEST_COLUMNS, TASKS, Job, class_folders, list_class_images, normalize_files,
+                               workers_for)
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +55,7 @@ def _read_manifest(params: Params) -> list[dict[str, str]]:
         rows = list(reader)
     for task in TASKS:
         on_disk = {f"{task}/{rel}" for rel, _ in list_class_images(params.paths.raw / task, every_file=True)}
-        listed = {r["path"] for r in rows if r["task"] == task}
+        listed = {r["path"] for r in rows if r["task"] == task and r["sha256"]}  # "": ingest could not copy it
         if on_disk != listed:
             raise PipelineError(f"{path} does not match {params.paths.raw / task} ({len(on_disk ^ listed)} files "
                                 "differ); rerun `tlpipe stage validate`")
@@ -68,25 +67,82 @@ def _bucket(sha256: str) -> float:
     return int(sha256[:16], 16) / 16**16
 
 
-def _quarantine(rows: list[dict[str, str]]) -> tuple[list[dict[str, str]], list[tuple[dict[str, str], str]]]:
-    """Kept rows and (row, reason) for undecodable files and exact duplicates, within one task."""
+def _hamming(a: str, b: str) -> int:
+    return (int(a, 16) ^ int(b, 16)).bit_count()
+
+
+def _near_groups(rows: list[dict[str, str]], distance: int) -> list[list[dict[str, str]]]:
+    """Groups of rows whose dHashes chain within `distance` bits (singletons included), in path order.
+
+    Pigeonhole: two 64-bit hashes within `distance` bits agree exactly on at least one of
+    `distance + 1` bands, so only rows sharing a band value are compared (not all pairs).
+    """
+    parent = list(range(len(rows)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    bands = distance + 1
+    edges = [64 * k // bands for k in range(bands + 1)]
+    for band in range(bands):
+        buckets: dict[str, list[int]] = defaultdict(list)
+        for index, row in enumerate(rows):
+            bits = f"{int(row['dhash'], 16):064b}"
+            buckets[bits[edges[band]:edges[band + 1]]].append(index)
+        for members in buckets.values():
+            for i, a in enumerate(members):
+                for b in members[i + 1:]:
+                    if root(a) != root(b) and _hamming(rows[a]["dhash"], rows[b]["dhash"]) <= distance:
+                        parent[root(b)] = root(a)
+    groups: dict[int, list[dict[str, str]]] = defaultdict(list)
+    for index, row in enumerate(rows):
+        groups[root(index)].append(row)
+    return list(groups.values())
+
+
+def _dedupe(groups: list[list[dict[str, str]]], kind: str) -> tuple[list[dict[str, str]], list[tuple[dict[str, str], str]]]:
+    """One kept row per same-label group; every row of a group spanning labels is a conflict."""
+    kept: list[dict[str, str]] = []
     quarantined: list[tuple[dict[str, str], str]] = []
-    by_hash: dict[str, list[dict[str, str]]] = defaultdict(list)
-    for row in sorted(rows, key=lambda r: r["path"]):
-        if row["decodable"] != "True":
-            quarantined.append((row, f"undecodable: {row['error'] or 'unknown error'}"))
-        else:
-            by_hash[row["sha256"]].append(row)
-    kept = []
-    for copies in by_hash.values():
+    for copies in groups:
         labels = sorted({r["label"] for r in copies})
         if len(labels) > 1:
             # Which label is right is a question for a person; training on either would teach noise.
-            quarantined += [(r, f"label conflict: same image under labels {', '.join(labels)}") for r in copies]
-        else:
-            kept.append(copies[0])
-            quarantined += [(r, f"duplicate of {copies[0]['path']}") for r in copies[1:]]
+            quarantined += [(r, f"label conflict: same {kind} under labels {', '.join(labels)}") for r in copies]
+            continue
+        first = min(copies, key=lambda r: r["path"])
+        kept.append(first)
+        for row in copies:
+            if row is not first:
+                reason = (f"duplicate of {first['path']}" if kind == "image" else
+                          f"near-duplicate of {first['path']} (dHash distance {_hamming(row['dhash'], first['dhash'])})")
+                quarantined.append((row, reason))
     return kept, quarantined
+
+
+def _quarantine(rows: list[dict[str, str]], params: Params) -> tuple[list[dict[str, str]], list[tuple[dict[str, str], str]]]:
+    """Kept rows and (row, reason) for unusable files, exact and near-duplicates and label conflicts, in one task.
+
+    Near-duplicates are resolved before splitting, so no two of them can straddle train and test.
+    """
+    rows = sorted(rows, key=lambda r: r["path"])
+    quarantined = [(r, r["error"]) for r in rows if r["error"]]
+    by_hash: dict[str, list[dict[str, str]]] = defaultdict(list)
+    for row in rows:
+        if not row["error"]:
+            by_hash[row["sha256"]].append(row)
+    kept, dropped = _dedupe(list(by_hash.values()), "image")
+    quarantined += dropped
+    distance, min_side = params.clean.near_duplicate_distance, params.clean.near_duplicate_min_side
+    if distance >= 0:
+        hashable = [r for r in kept if min(int(r["width"]), int(r["height"])) >= min_side]
+        others = [r for r in kept if min(int(r["width"]), int(r["height"])) < min_side]
+        near_kept, dropped = _dedupe(_near_groups(hashable, distance), "near-duplicate image")
+        kept, quarantined = others + near_kept, quarantined + dropped
+    return sorted(kept, key=lambda r: r["path"]), quarantined
 
 
 def _split(task: str, label: str, rows: list[dict[str, str]], params: Params) -> dict[str, list[dict[str, str]]]:
@@ -106,7 +162,7 @@ def _split(task: str, label: str, rows: list[dict[str, str]], params: Params) ->
 
 
 def _plan(params: Params, task: str, rows: list[dict[str, str]]) -> _Task:
-    kept, quarantined = _quarantine(rows)
+    kept, quarantined = _quarantine(rows, params)
     classes = sorted(set(class_folders(params.paths.raw / task)) | {r["label"] for r in rows})
     plan = _Task(classes, rows, quarantined, {name: [] for name in SPLITS}, [])
     cap = params.clean.target_train_per_class if task == "target" else None
@@ -143,7 +199,21 @@ def _counts(plan: _Task) -> dict[str, Any]:
     ):
         raise AssertionError("clean lost or double-counted files; this is a bug in components/clean.py")
     total = {key: sum(c[key] for c in per_class.values()) for key in ("input", "kept", "quarantined", "held_back")}
-    return {**total, "splits": {name: len(plan.splits[name]) for name in SPLITS}, "per_class": per_class}
+    # Leakage guard: the same content (or a near-duplicate, resolved earlier) in two splits would
+    # let the test split grade memorization. Quarantine makes this 0; the count proves it.
+    owner: dict[str, set[str]] = defaultdict(set)
+    for name in SPLITS:
+        for row in plan.splits[name]:
+            owner[row["sha256"]].add(name)
+    leaked = sum(len(splits) > 1 for splits in owner.values())
+    if leaked:
+        raise AssertionError(f"{leaked} images are in more than one split; this is a bug in components/clean.py")
+    # Split shares before the label budget, so they compare with clean.val_fraction / test_fraction.
+    before_cap = {"train": len(plan.splits["train"]) + len(plan.held_back),
+                  "val": len(plan.splits["val"]), "test": len(plan.splits["test"])}
+    shares = {name: round(n / max(1, sum(before_cap.values())), 4) for name, n in before_cap.items()}
+    return {**total, "splits": {name: len(plan.splits[name]) for name in SPLITS}, "split_shares": shares,
+            "leaked_across_splits": leaked, "per_class": per_class}
 
 
 def _output_names(rows: list[dict[str, str]]) -> dict[str, str]:
@@ -162,20 +232,19 @@ def _output_names(rows: list[dict[str, str]]) -> dict[str, str]:
 
 
 def _write(params: Params, plans: dict[str, _Task], out: Path) -> None:
-    size, mode = params.data.image_size, params.data.pil_mode
+    jobs: list[Job] = []
     for task, plan in plans.items():
         (out / task).mkdir(parents=True)
         write_text(out / task / "classes.json", json.dumps(plan.classes) + "\n")
         names = _output_names([r for rows in plan.splits.values() for r in rows])
-        for split, rows in plan.splits.items():
-            for row in rows:
-                data = (params.paths.raw / row["path"]).read_bytes()
-                if hashlib.sha256(data).hexdigest() != row["sha256"]:
-                    raise PipelineError(f"{row['path']} changed since the manifest was written; "
-                                        "rerun `tlpipe stage validate`")
-                dest = out / task / split / row["label"] / names[row["path"]]
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                load_normalized(io.BytesIO(data), size, mode).save(dest)
+        jobs += [(params.paths.raw / row["path"], row["sha256"], out / task / split / row["label"] / names[row["path"]])
+                 for split, rows in plan.splits.items() for row in rows]
+    workers = workers_for(params.clean.workers, len(jobs))
+    log.info("normalizing %d images in %d process(es)", len(jobs), workers)
+    changed = normalize_files(jobs, params.data.image_size, params.data.pil_mode, workers)
+    if changed:
+        raise PipelineError(f"{len(changed)} file(s) changed since the manifest was written, e.g. {changed[0]}; "
+                            "rerun `tlpipe stage validate`")
 
 
 def run(params: Params) -> CleanResult:

@@ -49,6 +49,21 @@ def _predict(args: argparse.Namespace) -> None:
         print(line)
 
 
+def _serve(args: argparse.Namespace) -> None:
+    from components.serve import ServeSettings, serve
+
+    # Options left out keep ServeSettings' defaults (written once, there).
+    given = {
+        "max_body_bytes": None if args.max_body_mb is None else int(args.max_body_mb * 1024 * 1024),
+        "max_pixels": args.max_pixels,
+        "max_images": args.max_images,
+        "top_k": args.top_k,
+        "batch_window_ms": args.batch_window_ms,
+        "max_batch": args.max_batch,
+    }
+    serve(args.model, args.host, args.port, ServeSettings(**{k: v for k, v in given.items() if v is not None}))
+
+
 def _summary(args: argparse.Namespace) -> None:
     from components.config import load_params
     from components.summary import summary
@@ -84,6 +99,18 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("images", type=Path, nargs="+", help="image files")
     predict.add_argument("--top-k", type=int, default=1, help="labels to print per image")
     predict.set_defaults(handler=_predict)
+
+    served = commands.add_parser("serve", help="serve an exported ONNX model over HTTP (POST /predict)")
+    served.add_argument("model", type=Path, help="the .onnx file (models/model.onnx)")
+    served.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1; 0.0.0.0 for all)")
+    served.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    served.add_argument("--top-k", type=int, help="labels per image unless a request asks (?top_k=); default 5")
+    served.add_argument("--max-body-mb", type=float, help="largest request body in MiB, else 413; default 20")
+    served.add_argument("--max-pixels", type=int, help="largest image (width x height), else 413; default 40e6")
+    served.add_argument("--max-images", type=int, help="most images in one request, else 413; default 64")
+    served.add_argument("--batch-window-ms", type=float, help="how long to gather concurrent requests; default 5")
+    served.add_argument("--max-batch", type=int, help="most images per onnxruntime call; default 64")
+    served.set_defaults(handler=_serve)
 
     summary = with_params(commands.add_parser("summary", help="print metrics, gates and the model's location"))
     summary.set_defaults(handler=_summary)

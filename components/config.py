@@ -42,12 +42,22 @@ class ValidateParams(_Section):
     min_side: int = Field(ge=1)
     max_side: int = Field(ge=1)
     max_pixels: int = Field(ge=1)
+    max_aspect_ratio: float = Field(ge=1)
+    max_imbalance_ratio: float = Field(ge=1)
+    allow_class_overlap: bool
+    drift_gate: bool
+    drift_max_class_share_change: float = Field(ge=0)
+    drift_max_size_change: float = Field(ge=0)
+    drift_max_channel_change: float = Field(ge=0)
 
 
 class CleanParams(_Section):
     val_fraction: float = Field(gt=0, lt=1)
     test_fraction: float = Field(gt=0, lt=1)
     target_train_per_class: int | None = Field(ge=1)
+    near_duplicate_distance: int = Field(ge=-1, le=64)
+    near_duplicate_min_side: int = Field(ge=1)
+    workers: int = Field(ge=0)
 
     @model_validator(mode="after")
     def _fractions_leave_a_train_split(self) -> "CleanParams":
@@ -56,7 +66,7 @@ class CleanParams(_Section):
         return self
 
 
-Backbone = Literal["simple_cnn", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_v2_b0"]
+Backbone = Literal["simple_cnn", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_v2_b0", "resnet50", "vgg16"]
 
 
 class ModelParams(_Section):
@@ -69,6 +79,7 @@ class SourceParams(_Section):
     mode: Literal["train", "download"]
     weights: str
     sha256: str
+    mirror: str = Field(pattern=r"^(https?|file)://")
     cache_dir: str
     epochs: int = Field(ge=1)
     batch_size: int = Field(ge=1)
@@ -81,12 +92,17 @@ class SourceParams(_Section):
             raise ValueError("mode 'download' needs weights: imagenet, a file path or an http(s) URL")
         if self.mode == "download" and self.weights != "imagenet" and len(self.sha256) != 64:
             raise ValueError("weights from a file or URL must be pinned: set sha256 to the file's 64-hex digest")
+        if self.sha256 and len(self.sha256) != 64:
+            raise ValueError("sha256 must be a 64-hex digest, or empty")
         return self
 
 
 class TransferParams(_Section):
     layers: tuple[str, ...]
-    freeze: Literal["backbone", "none"]
+    match: Literal["name", "position"]
+    adapt_channels: bool
+    # all | none | until:<layer name prefix> | top:<N trainable>
+    freeze: str = Field(pattern=r"^(all|none|until:\S+|top:\d+)$")
 
 
 class FinetuneParams(_Section):
@@ -97,17 +113,34 @@ class FinetuneParams(_Section):
     learning_rate: float = Field(gt=0)
     unfreeze_top: int = Field(ge=-1)
     patience: int = Field(ge=1)
+    warmup_epochs: int = Field(ge=0)
+    cosine_decay: bool
+    label_smoothing: float = Field(ge=0, lt=1)
+    class_weight: Literal["balanced", "none"]
+    augment_flip: Literal["none", "horizontal", "vertical", "horizontal_and_vertical"]
+    augment_rotation: float = Field(ge=0, le=0.5)
+    augment_zoom: float = Field(ge=0, lt=1)
+    augment_contrast: float = Field(ge=0, lt=1)
+    precision: Literal["auto", "float32", "mixed_bfloat16", "mixed_float16"]
+    jit_compile: Literal["auto"] | bool
+    data_parallel: bool
+    min_steps_per_epoch: int = Field(ge=0)
 
 
 class EvaluateParams(_Section):
     min_accuracy: float = Field(ge=0, le=1)
     min_macro_f1: float = Field(ge=0, le=1)
+    compare_scratch: bool
+    min_transfer_gain: float | None = Field(ge=-1, le=1)
 
 
 class ExportParams(_Section):
     opset: int = Field(ge=13)
     max_abs_diff: float = Field(gt=0)
     parity_images: int = Field(ge=1)
+    variants: tuple[Literal["optimized", "int8"], ...]
+    int8_max_accuracy_drop: float = Field(ge=0, le=1)
+    calibration_images: int = Field(ge=1)
 
 
 class Paths(_Section):
@@ -117,12 +150,18 @@ class Paths(_Section):
     source_model: Path
     transferred_model: Path
     finetuned_model: Path
+    finetune_checkpoint: Path
     onnx_model: Path
+    onnx_variants: Path
+    bundle: Path
     validation: Path
     data_docs: Path
     quarantine: Path
+    drift_report: Path
+    drift_reference: Path
     source_report: Path
     transfer_report: Path
+    transfer_table: Path
     finetune_report: Path
     training_curves: Path
     metrics: Path
@@ -130,6 +169,7 @@ class Paths(_Section):
     confusion: Path
     confusion_png: Path
     export_report: Path
+    transfer_gain: Path
 
 
 class Params(_Section):

@@ -1,4 +1,8 @@
-"""Fetch pinned weight files: sha256-checked, retried on transient errors, cached atomically."""
+"""Fetch pinned weight files: digest-checked, retried on transient errors, cached atomically.
+
+Keras Applications ImageNet weights come through here too (not Keras's own downloader), so a
+mirror, the retries, the offline message and the cache are the same for every download.
+"""
 
 from __future__ import annotations
 
@@ -20,8 +24,25 @@ CHUNK = 1 << 20
 RETRY_DELAYS = (1.0, 3.0, 9.0)
 
 
+# ImageNet weights of the Keras Applications backbones without their top, as Keras publishes
+# them (file under the mirror, Keras's md5): keras/src/applications/*.py.
+IMAGENET_FILES = {
+    "mobilenet_v3_small": ("mobilenet_v3/weights_mobilenet_v3_small_224_1.0_float_no_top_v2.h5",
+                           "d3e8ec802a04aa4fc771ee12a9a9b836"),
+    "mobilenet_v3_large": ("mobilenet_v3/weights_mobilenet_v3_large_224_1.0_float_no_top_v2.h5",
+                           "07fb09a5933dd0c8eaafa16978110389"),
+    "efficientnet_v2_b0": ("efficientnet_v2/efficientnetv2-b0_notop.h5", "893217f2bb855e2983157299931e43ff"),
+    "resnet50": ("resnet/resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5", "4d473c1dd8becc155b73f8504c6f6626"),
+    "vgg16": ("vgg16/vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5", "6d6bbae143d832006294945121d1f1fc"),
+}
+
+
 def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
+    return digest_of(path, "sha256")
+
+
+def digest_of(path: Path, algorithm: str) -> str:
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as handle:
         while chunk := handle.read(CHUNK):
             digest.update(chunk)
@@ -32,9 +53,9 @@ def is_url(location: str) -> bool:
     return urlparse(location).scheme in ("http", "https")
 
 
-def _download(url: str, target: Path, expected: str) -> None:
+def _download(url: str, target: Path, expected: str, algorithm: str, pin_key: str) -> None:
     """Stream `url` into `target`, hashing as it goes; a mismatch leaves nothing behind."""
-    digest = hashlib.sha256()
+    digest = hashlib.new(algorithm)
     with atomic_path(target) as temp:
         with urllib.request.urlopen(url, timeout=30) as response, open(temp, "wb") as out:
             total = int(response.headers.get("Content-Length") or 0)
@@ -49,8 +70,8 @@ def _download(url: str, target: Path, expected: str) -> None:
         actual = digest.hexdigest()
         if actual != expected:
             raise PipelineError(
-                f"sha256 mismatch for {url}: expected {expected}, got {actual}; the file changed or is "
-                "corrupt, so it was not kept. Check the URL, or pin the new digest in source.sha256"
+                f"{algorithm} mismatch for {url}: expected {expected}, got {actual}; the file changed or is "
+                f"corrupt, so it was not kept. Check the URL, or pin the new digest in {pin_key}"
             )
 
 
@@ -66,26 +87,44 @@ def fetch(location: str, sha256: str, cache_dir: Path) -> Path:
             raise PipelineError(f"sha256 mismatch for {path}: expected {expected}, got {actual}; fix source.sha256")
         return path
     name = Path(urlparse(location).path).name or "weights"
-    cached = Path(cache_dir) / f"{expected[:16]}-{name}"
-    if cached.is_file() and sha256_of(cached) == expected:
+    return _fetch_url(location, Path(cache_dir) / f"{expected[:16]}-{name}", expected, "sha256", "source.sha256")
+
+
+def fetch_imagenet(backbone: str, mirror: str, sha256: str, cache_dir: Path) -> Path:
+    """The ImageNet weights (no top) of a Keras Applications backbone, from `mirror` or the cache.
+
+    Checked against `sha256` when given (a private mirror may re-host other bytes), else against
+    Keras's published md5. A file placed in the cache by hand (offline machines) is used as is
+    once its digest checks.
+    """
+    if backbone not in IMAGENET_FILES:
+        raise PipelineError(f"no ImageNet weights for backbone {backbone}; choose one of {sorted(IMAGENET_FILES)}")
+    relative, md5 = IMAGENET_FILES[backbone]
+    expected, algorithm = (sha256.lower(), "sha256") if sha256 else (md5, "md5")
+    url = f"{mirror.rstrip('/')}/{relative}"
+    return _fetch_url(url, Path(cache_dir) / "imagenet" / Path(relative).name, expected, algorithm, "source.sha256")
+
+
+def _fetch_url(url: str, cached: Path, expected: str, algorithm: str, pin_key: str) -> Path:
+    if cached.is_file() and digest_of(cached, algorithm) == expected:
         log.info("using cached %s", cached)
         return cached
     for attempt, delay in enumerate((*RETRY_DELAYS, None), start=1):
         try:
-            _download(location, cached, expected)
+            _download(url, cached, expected, algorithm, pin_key)
             return cached
         except urllib.error.HTTPError as error:
             if error.code < 500:  # a missing or forbidden file will not appear on retry
-                raise PipelineError(f"cannot download {location}: HTTP {error.code} {error.reason}") from None
+                raise PipelineError(f"cannot download {url}: HTTP {error.code} {error.reason}") from None
             problem = f"HTTP {error.code}"
         except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as error:
             problem = str(getattr(error, "reason", error))
         if delay is None:
             raise PipelineError(
-                f"cannot download {location} after {attempt} tries ({problem}); check the network or "
-                f"place the file at {cached} (sha256 {expected})"
+                f"cannot download {url} after {attempt} tries ({problem}); check the network, or "
+                f"place the file at {cached} ({algorithm} {expected})"
             )
-        log.warning("download of %s failed (%s); retrying in %.0f s", location, problem, delay)
+        log.warning("download of %s failed (%s); retrying in %.0f s", url, problem, delay)
         time.sleep(delay)
     raise AssertionError("unreachable")
 

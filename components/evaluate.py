@@ -55,13 +55,55 @@ def compute_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: tuple[str, 
     }
 
 
-def apply_gates(metrics: dict, params: Params) -> dict:
+def apply_gates(metrics: dict, params: Params, gain: dict | None = None) -> dict:
     thresholds = {"accuracy": params.evaluate.min_accuracy, "macro_f1": params.evaluate.min_macro_f1}
     gates = [
         {"name": f"min_{name}", "value": metrics[name], "threshold": threshold, "passed": metrics[name] >= threshold}
         for name, threshold in thresholds.items()
     ]
+    minimum = params.evaluate.min_transfer_gain
+    if minimum is not None and gain is not None and gain.get("compared"):
+        value = gain["accuracy_gain"]
+        gates.append({"name": "min_transfer_gain", "value": value, "threshold": minimum, "passed": value >= minimum})
     return {"passed": all(gate["passed"] for gate in gates), "gates": gates}
+
+
+def _first_reaching(curve: list[float], elapsed: list[float], target: float) -> dict:
+    """Epochs and seconds a validation-accuracy curve took to reach `target` (None: never did)."""
+    for index, value in enumerate(curve):
+        if value >= target:
+            return {"epochs": index + 1, "seconds": elapsed[index]}
+    return {"epochs": None, "seconds": None}
+
+
+def transfer_gain(params: Params, transfer_accuracy: float) -> dict:
+    """Train the from-scratch baseline and compare: test accuracy, and time/epochs to reach each other's best."""
+    if not params.evaluate.compare_scratch:
+        return {"compared": False}
+    from components.artifacts import read_json
+    from components.scratch import train_scratch
+
+    phases = read_json(params.paths.finetune_report)["phases"]
+    curve: list[float] = []
+    elapsed: list[float] = []
+    for result in phases.values():  # head, then unfrozen: one curve, time running on
+        offset = elapsed[-1] if elapsed else 0.0
+        curve += list(result["val_accuracy"])
+        elapsed += [offset + seconds for seconds in result["elapsed"]]
+    scratch = train_scratch(params)
+    scratch_curve, scratch_elapsed = list(scratch.fit.val_accuracy), list(scratch.fit.elapsed)
+    best_transfer, best_scratch = max(curve, default=0.0), max(scratch_curve, default=0.0)
+    return {
+        "compared": True,
+        "transfer_accuracy": round(transfer_accuracy, 6),
+        "scratch_accuracy": round(scratch.test_accuracy, 6),
+        "accuracy_gain": round(transfer_accuracy - scratch.test_accuracy, 6),
+        "transfer": {"epochs": len(curve), "seconds": round(elapsed[-1], 3) if elapsed else 0.0,
+                     "best_val_accuracy": best_transfer,
+                     "to_reach_scratch_best": _first_reaching(curve, elapsed, best_scratch)},
+        "scratch": {"epochs": len(scratch_curve), "seconds": scratch.fit.seconds, "best_val_accuracy": best_scratch,
+                    "to_reach_transfer_best": _first_reaching(scratch_curve, scratch_elapsed, best_transfer)},
+    }
 
 
 def _write_confusion(y_true: np.ndarray, y_pred: np.ndarray, classes: tuple[str, ...], matrix: list, params: Params) -> None:
@@ -100,8 +142,13 @@ def run(params: Params) -> EvaluateResult:
         raise PipelineError(f"the model's classes {classes} differ from the test split's {test.classes}: rerun transfer")
     y_pred = model.predict(test.x, batch_size=256, verbose=0).argmax(axis=1)
     metrics = compute_metrics(test.y, y_pred, classes)
-    gates = apply_gates(metrics, params)
+    gain = transfer_gain(params, metrics["accuracy"])
+    if gain["compared"]:
+        log.info("transfer gain: test accuracy %.4f (transfer) vs %.4f (from scratch): %+.4f",
+                 gain["transfer_accuracy"], gain["scratch_accuracy"], gain["accuracy_gain"])
+    gates = apply_gates(metrics, params, gain)
     write_json(params.paths.metrics, metrics)
+    write_json(params.paths.transfer_gain, gain)
     write_json(params.paths.gates, gates)
     _write_confusion(test.y, y_pred, classes, metrics["confusion_matrix"], params)
     result = EvaluateResult(metrics["accuracy"], metrics["macro_f1"], gates["passed"])

@@ -24,9 +24,11 @@ import onnxruntime as ort
 import tensorflow as tf
 import tf2onnx
 
-from components.artifacts import read_json, write_bytes, write_json
+from components import quantize
+from components.artifacts import atomic_dir, read_json, write_bytes, write_json
+from components.bundle import write_bundle
 from components.config import Params
-from components.dataset import load_split
+from components.dataset import Split, load_split
 from components.errors import PipelineError
 from components.models import INPUT_NAME, load_model_dir
 
@@ -118,6 +120,27 @@ def _parity(model: keras.Model, session: ort.InferenceSession, batches: list[np.
     return max(diffs), agree / count, count
 
 
+def _variants(params: Params, data: bytes, test: Split) -> dict[str, dict[str, object]]:
+    """Build and gate the optimized variants into paths.onnx_variants (accepted ones only); their report."""
+    settings = params.export
+    calibration = np.zeros((0,), dtype=np.uint8)
+    if "int8" in settings.variants:
+        val = load_split(params.paths.clean, "target", "val")  # calibration never sees the test images
+        calibration = val.x[: settings.calibration_images]
+    built = quantize.build(
+        tuple(settings.variants), data, calibration, test, settings.max_abs_diff, settings.int8_max_accuracy_drop
+    )
+    with atomic_dir(params.paths.onnx_variants) as folder:
+        for variant in built:
+            if variant.accepted:
+                (folder / f"{variant.name}.onnx").write_bytes(variant.data)
+    return {
+        v.name: {"accepted": v.accepted, "reason": v.reason, **v.report}
+        | ({"path": str(params.paths.onnx_variants / f"{v.name}.onnx")} if v.accepted else {})
+        for v in built
+    }
+
+
 def run(params: Params) -> ExportResult:
     started = time.perf_counter()
     paths, settings = params.paths, params.export
@@ -183,27 +206,30 @@ def run(params: Params) -> ExportResult:
         # With the difference inside the bound, a changed top-1 label can only be a near-tie.
         log.warning("top-1 label differs on %.1f%% of images (near-ties)", 100 * (1 - top1))
 
+    variants = _variants(params, data, test)
     write_bytes(paths.onnx_model, data)
     result = ExportResult(paths.onnx_model, len(data), settings.opset, max_abs_diff, top1, checked)
-    write_json(
-        paths.export_report,
-        {
-            "max_abs_diff": max_abs_diff,
-            "max_abs_diff_bound": settings.max_abs_diff,
-            "top1_agreement": top1,
-            "opset": settings.opset,
-            "parity_images": len(x),
-            "other_size_images": len(other),
-            "sizes_checked": [list(x.shape[1:3]), list(other.shape[1:3])],
-            "onnx_sha256": hashlib.sha256(data).hexdigest(),
-            "size_bytes": len(data),
-            "input": input_spec,
-            "outputs": [
-                {"name": o.name, "shape": [d if isinstance(d, int) else None for d in o.shape], "type": o.type}
-                for o in session.get_outputs()
-            ],
-            "labels": list(labels),
-            "seconds": round(time.perf_counter() - started, 2),
-        },
-    )
+    report = {
+        "max_abs_diff": max_abs_diff,
+        "max_abs_diff_bound": settings.max_abs_diff,
+        "top1_agreement": top1,
+        "opset": settings.opset,
+        "parity_images": len(x),
+        "other_size_images": len(other),
+        "sizes_checked": [list(x.shape[1:3]), list(other.shape[1:3])],
+        "onnx_sha256": hashlib.sha256(data).hexdigest(),
+        "size_bytes": len(data),
+        "input": input_spec,
+        "outputs": [
+            {"name": o.name, "shape": [d if isinstance(d, int) else None for d in o.shape], "type": o.type}
+            for o in session.get_outputs()
+        ],
+        "labels": list(labels),
+        "latency_ms_batch1": quantize.latency_ms(data, x[:1]),
+        "variants": variants,
+        "bundle": str(paths.bundle),
+    }
+    write_bundle(paths.onnx_model, paths.bundle, report, read_json(paths.gates))
+    report["seconds"] = round(time.perf_counter() - started, 2)
+    write_json(paths.export_report, report)
     return result

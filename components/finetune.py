@@ -1,17 +1,26 @@
-"""Stage `finetune`: train the head on the frozen backbone, then unfreeze its top layers at a lower rate."""
+"""Stage `finetune`: train the head on the frozen backbone, then unfreeze its top layers at a lower rate.
+
+Every epoch ends with a checkpoint (paths.finetune_checkpoint), so a killed run continues from its
+last completed epoch when rerun; the finished model is written whole or not at all.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import keras
 
 from components.artifacts import write_json
-from components.config import Params
+from components.config import FinetuneParams, Params
 from components.dataset import Split, load_split
-from components.models import BACKBONE_NAME, load_model_dir, save_model_dir
-from components.training import FitResult, compile_model, fit, open_curves
+from components.models import BACKBONE_NAME, MODEL_FILE, load_model_dir, save_model_dir
+from components.training import (
+    Augment, Checkpoint, FitResult, Recipe, accelerators, data_parallel, evaluate, fit, open_curves,
+    resolve_precision, with_precision,
+)
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +34,18 @@ class FinetuneResult:
         return f"best val accuracy {self.val_accuracy:.4f} (kept the {self.kept_phase} weights)"
 
 
+def recipe(cfg: FinetuneParams) -> Recipe:
+    return Recipe(
+        warmup_epochs=cfg.warmup_epochs,
+        cosine_decay=cfg.cosine_decay,
+        label_smoothing=cfg.label_smoothing,
+        class_weight=cfg.class_weight == "balanced",
+        augment=Augment(cfg.augment_flip, cfg.augment_rotation, cfg.augment_zoom, cfg.augment_contrast),
+        jit_compile=cfg.jit_compile,
+        min_steps_per_epoch=cfg.min_steps_per_epoch,
+    )
+
+
 def unfreeze_top(model: keras.Model, count: int) -> list[str]:
     """Make the top `count` weighted backbone layers trainable (-1: all); returns their names."""
     backbone = model.get_layer(BACKBONE_NAME)
@@ -36,50 +57,78 @@ def unfreeze_top(model: keras.Model, count: int) -> list[str]:
     return [layer.name for layer in chosen]
 
 
-def _val_loss(model: keras.Model, val: Split) -> float:
-    return float(model.evaluate(val.x, val.y, verbose=0, return_dict=True)["loss"])
+def _fingerprint(params: Params, train: Split, val: Split) -> str:
+    """What a checkpoint must match to be resumed: the starting model, the data, the recipe and seed."""
+    digest = hashlib.sha256()
+    digest.update((params.paths.transferred_model / MODEL_FILE).read_bytes())
+    digest.update(json.dumps([params.seed, params.finetune.model_dump(mode="json")], sort_keys=True).encode())
+    for split in (train, val):
+        digest.update(split.x.tobytes())
+        digest.update(split.y.tobytes())
+    return digest.hexdigest()
 
 
 def run(params: Params) -> FinetuneResult:
     cfg = params.finetune
-    model, classes = load_model_dir(params.paths.transferred_model)
     train, val = load_split(params.paths.clean, "target", "train"), load_split(params.paths.clean, "target", "val")
     keras.utils.set_random_seed(params.seed)
-    log.info("fine-tuning on %d images of %d classes (backbone: %s)", len(train), len(classes),
-             keras.backend.backend())
-    compile_model(model, cfg.head_learning_rate)
-    live = open_curves(params.paths.training_curves / "finetune")
-    phases: dict[str, FitResult] = {}
-    try:
-        common = dict(batch_size=cfg.batch_size, patience=cfg.patience, live=live)
-        if cfg.head_epochs:
-            phases["head"] = fit(model, train, val, phase="head", epochs=cfg.head_epochs,
-                                 learning_rate=cfg.head_learning_rate, **common)
-        kept = "head" if cfg.head_epochs else "transferred"
-        best_loss, best_weights = _val_loss(model, val), model.get_weights()
-        unfrozen = unfreeze_top(model, cfg.unfreeze_top) if cfg.epochs else []
-        if unfrozen:
-            log.info("unfreezing %d backbone layers: %s", len(unfrozen), ", ".join(unfrozen))
-            phases["unfrozen"] = fit(model, train, val, phase="unfrozen", epochs=cfg.epochs,
-                                     learning_rate=cfg.learning_rate, **common)
-            loss = _val_loss(model, val)
-            if loss <= best_loss:
-                kept, best_loss = "unfrozen", loss
+    checkpoint = Checkpoint(params.paths.finetune_checkpoint, _fingerprint(params, train, val))
+    resuming = checkpoint.load()
+    policy = resolve_precision(cfg.precision)
+    with data_parallel(cfg.data_parallel) as replicas:
+        model, classes = load_model_dir(params.paths.transferred_model)
+        trainee = with_precision(model, policy)
+        log.info("fine-tuning on %d images of %d classes (backend %s, %s, %d replica(s), accelerators: %s)",
+                 len(train), len(classes), keras.backend.backend(), policy, replicas, accelerators() or "none")
+        live = open_curves(params.paths.training_curves / "finetune", resume=resuming)
+        phases = {name: FitResult(**{k: tuple(v) if isinstance(v, list) else v for k, v in result.items()})
+                  for name, result in checkpoint.context.get("phases", {}).items()}
+        common = dict(batch_size=cfg.batch_size, patience=cfg.patience, live=live, recipe=recipe(cfg),
+                      checkpoint=checkpoint, seed=params.seed)
+        try:
+            if cfg.head_epochs and "head" not in phases:
+                phases["head"] = fit(trainee, train, val, phase="head", epochs=cfg.head_epochs,
+                                     learning_rate=cfg.head_learning_rate, **common)
+                checkpoint.context["phases"] = {name: asdict(result) for name, result in phases.items()}
+            kept = "head" if cfg.head_epochs else "transferred"
+            if "head" in checkpoint.context_arrays:  # resumed in phase 2: the head phase's result, saved
+                best_loss, best_weights = checkpoint.context["head_loss"], checkpoint.context_arrays["head"]
             else:
-                log.info("unfreezing did not lower validation loss (%.4f > %.4f): keeping the head-phase weights",
-                         loss, best_loss)
-                model.set_weights(best_weights)
-    finally:
-        live.end()
-    val_accuracy = float(model.evaluate(val.x, val.y, verbose=0, return_dict=True)["accuracy"])
+                best_loss, best_weights = evaluate(trainee, val)["loss"], trainee.get_weights()
+                checkpoint.context["head_loss"], checkpoint.context_arrays["head"] = best_loss, best_weights
+            unfrozen = unfreeze_top(trainee, cfg.unfreeze_top) if cfg.epochs else []
+            if unfrozen:
+                log.info("unfreezing %d backbone layers: %s", len(unfrozen), ", ".join(unfrozen))
+                phases["unfrozen"] = fit(trainee, train, val, phase="unfrozen", epochs=cfg.epochs,
+                                         learning_rate=cfg.learning_rate, **common)
+                loss = evaluate(trainee, val)["loss"]
+                if loss <= best_loss:
+                    kept, best_loss = "unfrozen", loss
+                else:
+                    log.info("unfreezing did not lower validation loss (%.4f > %.4f): keeping the head-phase "
+                             "weights", loss, best_loss)
+                    trainee.set_weights(best_weights)
+        finally:
+            live.end()
+        if trainee is not model:  # the float32 original is what gets saved and exported
+            unfreeze_top(model, cfg.unfreeze_top if unfrozen else 0)
+            model.set_weights(trainee.get_weights())
+        val_accuracy = evaluate(model, val)["accuracy"]
     save_model_dir(model, classes, params.paths.finetuned_model)
     write_json(params.paths.finetune_report, {
         "backend": keras.backend.backend(),
+        "precision": policy,
+        # What the backbone really computed in (mixed precision is active when this is float16/bfloat16).
+        "compute_dtype": sorted({layer.compute_dtype for layer in trainee.get_layer(BACKBONE_NAME).layers
+                                 if layer.weights}),
+        "replicas": replicas,
+        "resumed": resuming,
         "train_images": len(train),
         "val_images": len(val),
         "kept_phase": kept,
-        "val_loss": round(best_loss, 6),
-        "val_accuracy": round(val_accuracy, 6),
-        "phases": {name: vars(result) for name, result in phases.items()},
+        "val_loss": round(float(best_loss), 6),
+        "val_accuracy": round(float(val_accuracy), 6),
+        "phases": {name: asdict(result) for name, result in phases.items()},
     })
-    return FinetuneResult(val_accuracy, kept)
+    checkpoint.finish()
+    return FinetuneResult(float(val_accuracy), kept)

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import io
+import itertools
+import multiprocessing
 import os
 import warnings
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -17,9 +22,14 @@ TASKS: tuple[str, ...] = ("source", "target")
 # What Keras' image_dataset_from_directory and Pillow both read; compared lowercased.
 IMAGE_SUFFIXES: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 
-# Columns of the manifest validate writes and clean reads, in order.
+# Per-image colour statistics (of the RGB rendering, 0..255) that the drift check aggregates.
+STAT_COLUMNS: tuple[str, ...] = ("mean_r", "mean_g", "mean_b", "std_r", "std_g", "std_b")
+
+# Columns of the manifest validate writes and clean reads, in order. `error` is why clean must
+# quarantine the file ("" when usable); `dhash` is its 64-bit perceptual hash, in hex.
 MANIFEST_COLUMNS: tuple[str, ...] = (
-    "task", "path", "label", "width", "height", "mode", "bytes", "sha256", "decodable", "error",
+    "task", "path", "label", "width", "height", "mode", "bytes", "sha256", "decodable", "error", "dhash",
+    *STAT_COLUMNS,
 )
 
 _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}
@@ -45,8 +55,10 @@ def list_class_images(root: Path, *, every_file: bool = False) -> list[tuple[str
     root = Path(root)
     found: list[tuple[str, str]] = []
     for label in class_folders(root):
-        for folder, _, files in os.walk(root / label):
-            for name in files:
+        for folder, dirs, files in os.walk(root / label):
+            # os.walk does not follow linked folders; listing them lets ingest say so instead of losing them.
+            links = [name for name in dirs if every_file and Path(folder, name).is_symlink()]
+            for name in [*files, *links]:
                 path = Path(folder, name)
                 if every_file or is_image_name(path):
                     found.append((path.relative_to(root).as_posix(), label))
@@ -61,19 +73,47 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def inspect_image(path: Path, max_pixels: int) -> dict[str, Any]:
-    """Header facts, file hash and whether the file fully decodes; never raises for a bad image.
+def dhash(image: Image.Image) -> str:
+    """64-bit difference hash: is each pixel of a 9x8 grey thumbnail brighter than its left neighbour.
 
-    Keys: width, height, mode (None when the header is unreadable), bytes, sha256, decodable, error.
+    Robust to resizing, recompression and small brightness changes, so near-duplicates land within
+    a few bits of each other (Hamming distance).
+    """
+    grey = np.asarray(image.convert("L").resize((9, 8), Image.Resampling.BILINEAR), dtype=np.int16)
+    bits = (grey[:, 1:] > grey[:, :-1]).flatten()
+    return f"{int(''.join('1' if b else '0' for b in bits), 2):016x}"
+
+
+def _channel_stats(image: Image.Image, side: int = 256) -> dict[str, float]:
+    """Per-channel mean and std of the RGB rendering, on a copy at most `side` pixels wide and tall
+    (a photo's full-size float copy would cost gigabytes; drift compares like with like)."""
+    rgb = _as_rgb(image)
+    if max(rgb.size) > side:
+        rgb.thumbnail((side, side), Image.Resampling.BOX)
+    rgb = np.asarray(rgb, dtype=np.float64).reshape(-1, 3)
+    means, stds = rgb.mean(axis=0), rgb.std(axis=0)
+    return {**{f"mean_{c}": round(float(m), 3) for c, m in zip("rgb", means)},
+            **{f"std_{c}": round(float(v), 3) for c, v in zip("rgb", stds)}}
+
+
+def inspect_image(path: Path, max_pixels: int, min_side: int, max_side: int) -> dict[str, Any]:
+    """Header facts, file hash, whether the file fully decodes, and why it is unusable; never raises.
+
+    Keys: MANIFEST_COLUMNS less task, path and label. `error` starts with a fixed category
+    ("zero-byte file", "not an image", "truncated image", "corrupt image", "decompression bomb",
+    "too small", "too large") and is "" for a usable image.
     """
     path = Path(path)
     facts: dict[str, Any] = {
-        "width": None, "height": None, "mode": None,
-        "bytes": path.stat().st_size, "sha256": sha256_file(path), "decodable": False, "error": "",
+        "width": None, "height": None, "mode": None, "bytes": path.stat().st_size, "sha256": sha256_file(path),
+        "decodable": False, "error": "", "dhash": "", **{c: None for c in STAT_COLUMNS},
     }
+    if facts["bytes"] == 0:
+        facts["error"] = "zero-byte file"
+        return facts
     if not is_image_name(path):
         expected = ", ".join(sorted(IMAGE_SUFFIXES))
-        facts["error"] = f"not an image file name (suffix '{path.suffix}'; expected one of {expected})"
+        facts["error"] = f"not an image: file name suffix '{path.suffix}' (expected one of {expected})"
         return facts
     try:
         # Pillow warns (and past twice its limit, refuses) on huge images; our own limit decides.
@@ -82,19 +122,31 @@ def inspect_image(path: Path, max_pixels: int) -> dict[str, Any]:
             with Image.open(path) as image:  # reads the header only
                 facts.update(width=image.width, height=image.height, mode=image.mode)
                 pixels = image.width * image.height
-                if pixels > max_pixels:
-                    facts["error"] = (f"{image.width}x{image.height} = {pixels} pixels, "
+                if pixels > max_pixels:  # before any pixel data is decoded
+                    facts["error"] = (f"decompression bomb: {image.width}x{image.height} = {pixels} pixels, "
                                       f"over validate.max_pixels={max_pixels}")
                     return facts
                 image.load()  # the full decode: catches truncated and corrupt data
+                facts["dhash"] = dhash(image)
+                facts.update(_channel_stats(image))
     except Image.DecompressionBombError as error:
-        facts["error"] = f"too many pixels for Pillow to open: {error}"
+        facts["error"] = f"decompression bomb: {error}"
+        return facts
+    except Image.UnidentifiedImageError:
+        facts["error"] = "not an image: Pillow cannot identify the file's format"
         return facts
     except Exception as error:  # Pillow raises many types for bad files; each is "undecodable"
         # Pillow names the absolute path; the manifest must not depend on where the repository is.
-        facts["error"] = f"{type(error).__name__}: {error}".replace(str(path), path.name)
+        message = f"{type(error).__name__}: {error}".replace(str(path), path.name)
+        kind = "truncated image" if "truncated" in message.lower() else "corrupt image"
+        facts["error"] = f"{kind}: {message}"
         return facts
     facts["decodable"] = True
+    width, height = facts["width"], facts["height"]
+    if min(width, height) < min_side:
+        facts["error"] = f"too small: {width}x{height}, a side below validate.min_side={min_side}"
+    elif max(width, height) > max_side:
+        facts["error"] = f"too large: {width}x{height}, a side above validate.max_side={max_side}"
     return facts
 
 
@@ -118,6 +170,21 @@ def _on_white(image: Image.Image) -> Image.Image:
     return Image.alpha_composite(background, rgba).convert("RGB")
 
 
+def _as_l_or_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode as 8-bit "L" or "RGB": 16-bit scaled, transparency on white, CMYK/palette converted."""
+    if image.mode in _SIXTEEN_BIT_MODES or image.mode in ("I", "F"):
+        return _to_8bit(image)
+    if image.mode in _ALPHA_MODES or (image.mode in ("P", "L", "RGB") and "transparency" in image.info):
+        return _on_white(image)
+    if image.mode not in ("L", "RGB"):
+        return image.convert("RGB")  # CMYK, YCbCr, LAB, HSV, P and 1 all have a defined RGB conversion
+    return image
+
+
+def _as_rgb(image: Image.Image) -> Image.Image:
+    return _as_l_or_rgb(image).convert("RGB")
+
+
 def load_normalized(path: Path | IO[bytes], size: int, pil_mode: str) -> Image.Image:
     """The image as the model sees it: upright, `pil_mode` ("L" or "RGB"), `size` x `size` pixels."""
     if pil_mode not in ("L", "RGB"):
@@ -125,14 +192,48 @@ def load_normalized(path: Path | IO[bytes], size: int, pil_mode: str) -> Image.I
     with Image.open(path) as opened:
         opened.draft(None, (size, size))  # JPEG only: decode at a reduced scale, never below `size`
         image = ImageOps.exif_transpose(opened)  # phone photos store rotation in EXIF
-    if image.mode in _SIXTEEN_BIT_MODES or image.mode in ("I", "F"):
-        image = _to_8bit(image)
-    elif image.mode in _ALPHA_MODES or (image.mode in ("P", "L", "RGB") and "transparency" in image.info):
-        image = _on_white(image)
-    elif image.mode not in ("L", "RGB"):
-        image = image.convert("RGB")  # CMYK, YCbCr, LAB, HSV, P and 1 all have a defined RGB conversion
-    image = image.convert(pil_mode)
+    image = _as_l_or_rgb(image).convert(pil_mode)
     if image.size != (size, size):
         # Downscaling with Pillow's BILINEAR filter averages over the whole footprint (area-like).
         image = image.resize((size, size), Image.Resampling.BILINEAR)
     return image
+
+
+# (source file, its expected sha256, destination PNG): one unit of clean's decode-and-resize work.
+Job = tuple[Path, str, Path]
+
+
+def _normalize_one(job: Job, size: int, pil_mode: str) -> str:
+    """Write one normalized PNG; return the source path if its bytes no longer match the hash, else ""."""
+    source, sha256, dest = job
+    data = Path(source).read_bytes()
+    if hashlib.sha256(data).hexdigest() != sha256:
+        return str(source)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    load_normalized(io.BytesIO(data), size, pil_mode).save(dest)
+    return ""
+
+
+def normalize_files(jobs: Iterable[Job], size: int, pil_mode: str, workers: int, chunk: int = 64) -> list[str]:
+    """Decode, normalize and write every job, in `workers` processes; return sources that changed on disk.
+
+    Streaming: jobs are taken from the iterable a bounded batch at a time (Pool.imap alone would
+    queue all of them at once) and each worker holds one image at a time, so memory stays flat
+    however many images there are. `workers` <= 1 runs in this process (no start-up cost).
+    """
+    work = functools.partial(_normalize_one, size=size, pil_mode=pil_mode)
+    if workers <= 1:
+        return [bad for bad in map(work, jobs) if bad]
+    changed: list[str] = []
+    jobs = iter(jobs)
+    # spawn, not fork: forking a process that has loaded TensorFlow or opened threads can deadlock.
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        while batch := list(itertools.islice(jobs, workers * chunk * 8)):
+            changed += [bad for bad in pool.imap_unordered(work, batch, chunksize=chunk) if bad]
+    return changed
+
+
+def workers_for(setting: int, images: int, per_worker: int = 500) -> int:
+    """Processes worth starting: `setting` (0 = one per core), but none beyond one per `per_worker` images."""
+    cores = setting or os.cpu_count() or 1
+    return max(1, min(cores, images // per_worker))

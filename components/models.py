@@ -22,13 +22,19 @@ INPUT_NAME = "input"
 BACKBONE_NAME = "backbone"
 HEAD_NAME = "head"
 
-# Keras Applications backbones: (constructor, minimum input side). Their own preprocessing is
-# included (include_preprocessing=True), so they take 0..255 floats.
+# Keras Applications backbones: (constructor, minimum input side, preprocessing). "own": the
+# model scales 0..255 itself (include_preprocessing=True); "caffe": ImageNet mean subtraction,
+# done here with a built-in Normalization layer (no Lambda: models load with safe_mode=True and
+# convert with tf2onnx). Caffe models were trained on BGR; rather than a channel-swap layer, the
+# first convolution's kernel is flipped to RGB when ImageNet weights are loaded (same outputs).
 _APPLICATIONS = {
-    "mobilenet_v3_small": (keras.applications.MobileNetV3Small, 32),
-    "mobilenet_v3_large": (keras.applications.MobileNetV3Large, 32),
-    "efficientnet_v2_b0": (keras.applications.EfficientNetV2B0, 32),
+    "mobilenet_v3_small": (keras.applications.MobileNetV3Small, 32, "own"),
+    "mobilenet_v3_large": (keras.applications.MobileNetV3Large, 32, "own"),
+    "efficientnet_v2_b0": (keras.applications.EfficientNetV2B0, 32, "own"),
+    "resnet50": (keras.applications.ResNet50, 32, "caffe"),
+    "vgg16": (keras.applications.VGG16, 32, "caffe"),
 }
+CAFFE_MEAN_RGB = (123.68, 116.779, 103.939)
 
 
 def _simple_cnn(side: int, channels: int, width: int) -> keras.Model:
@@ -46,15 +52,29 @@ def _simple_cnn(side: int, channels: int, width: int) -> keras.Model:
     return keras.Model(inputs, outputs, name=BACKBONE_NAME)
 
 
-def _application(name: str, side: int, weights: str | None) -> keras.Model:
-    constructor, minimum = _APPLICATIONS[name]
+def _application(name: str, side: int, weights_file: str | None) -> keras.Model:
+    constructor, minimum, preprocessing = _APPLICATIONS[name]
     if side < minimum:
-        raise ValueError(f"backbone {name} needs data.image_size >= {minimum}, got {side}")
-    base = constructor(
-        input_shape=(side, side, 3), include_top=False, weights=weights, pooling="avg", include_preprocessing=True
-    )
+        raise PipelineError(f"backbone {name} needs data.image_size >= {minimum}, got {side}: raise data.image_size")
+    inputs = keras.Input((side, side, 3), name="backbone_input")
+    if preprocessing == "caffe":
+        x = keras.layers.Normalization(mean=CAFFE_MEAN_RGB, variance=(1.0, 1.0, 1.0), name="imagenet_mean")(inputs)
+        base = constructor(input_tensor=x, include_top=False, weights=None, pooling="avg")
+    else:
+        base = constructor(input_tensor=inputs, input_shape=(side, side, 3), include_top=False, weights=None,
+                           pooling="avg", include_preprocessing=True)
     # Re-wrap under one stable name, so layer paths read "backbone.<layer>" whatever Keras calls it.
-    return keras.Model(base.inputs, base.outputs, name=BACKBONE_NAME)
+    backbone = keras.Model(inputs, base.output, name=BACKBONE_NAME)
+    if weights_file:
+        try:
+            backbone.load_weights(weights_file)
+        except ValueError as error:
+            raise PipelineError(f"{weights_file} does not fit backbone {name}: {error}") from None
+        if preprocessing == "caffe":
+            first = next(layer for layer in backbone.layers if isinstance(layer, keras.layers.Conv2D))
+            kernel, *rest = first.get_weights()
+            first.set_weights([kernel[:, :, ::-1, :], *rest])  # BGR-trained kernel, RGB input
+    return backbone
 
 
 def uses_application(model: ModelParams) -> bool:
@@ -67,14 +87,18 @@ def build_model(
     num_classes: int | None,
     *,
     bn_inference: bool,
-    backbone_weights: str | None = None,
+    backbone_weights: str | Path | None = None,
 ) -> keras.Model:
     """Input (uint8, any size) -> scale -> resize -> backbone -> dropout -> softmax head.
 
     bn_inference=True calls the backbone with training=False, so its BatchNorm layers keep their
     moving statistics while fine-tuning (the Keras transfer-learning guide). num_classes=None
     builds a headless model (a downloaded backbone with no task of its own yet).
+    backbone_weights: a local file, never a download (components.download fetches it first):
+    Keras's ImageNet .h5 for an application backbone, a .weights.h5 of the backbone for simple_cnn.
     """
+    if backbone_weights == "imagenet":
+        raise ValueError("build_model takes a weights file: fetch ImageNet weights with download.fetch_imagenet")
     side, channels = data.image_size, data.channels
     inputs = keras.Input((None, None, channels), dtype="uint8", name=INPUT_NAME)
     if uses_application(model):
@@ -82,7 +106,7 @@ def build_model(
         x = keras.layers.Resizing(side, side, name="resize")(x)
         if channels == 1:
             x = keras.layers.Concatenate(name="gray_to_rgb")([x, x, x])
-        backbone = _application(model.backbone, side, backbone_weights)
+        backbone = _application(model.backbone, side, str(backbone_weights) if backbone_weights else None)
     else:
         x = keras.layers.Rescaling(1.0 / 255, name="scale")(inputs)
         x = keras.layers.Resizing(side, side, name="resize")(x)
@@ -119,6 +143,19 @@ def load_model_dir(directory: Path) -> tuple[keras.Model, tuple[str, ...] | None
     path = Path(directory) / MODEL_FILE
     if not path.is_file():
         raise PipelineError(f"{path} not found: run the stage that writes it first (dvc repro)")
-    model = keras.saving.load_model(path, compile=False, safe_mode=True)
+    model = load_keras_file(path)
     labels = json.loads((Path(directory) / LABELS_FILE).read_text())
     return model, tuple(labels) if labels is not None else None
+
+
+def load_keras_file(path: Path) -> keras.Model:
+    """A .keras file loaded with safe_mode=True: a Lambda layer (arbitrary code) is refused, not run."""
+    try:
+        return keras.saving.load_model(path, compile=False, safe_mode=True)
+    except ValueError as error:
+        if "safe_mode" in str(error) or "lambda" in str(error).lower():
+            raise PipelineError(
+                f"{path} holds a Lambda layer or other Python code, which safe loading refuses to run; "
+                "rebuild that model from built-in layers (or registered layer classes) and save it again"
+            ) from None
+        raise PipelineError(f"{path} is not a loadable Keras model: {error}") from None

@@ -19,21 +19,29 @@ from components.errors import PipelineError
 from components.images import load_normalized
 
 
-class _Model:
+class OnnxModel:
+    """An exported .onnx file, its session and the tlpipe metadata it carries (shared with the server)."""
+
     def __init__(self, path: Path) -> None:
         path = Path(path)
         if not path.is_file():
             raise PipelineError(f"{path}: model not found; export one with `tlpipe stage export` (models/model.onnx)")
+        options = ort.SessionOptions()
+        # Idle intra-op threads would otherwise spin for a while after each call, taking the CPU
+        # from image decoding and, in the server, from the event loop between batches.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
-            self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as error:  # onnxruntime's load errors share no useful base class
             raise PipelineError(
                 f"{path}: not a readable ONNX model ({error}); pass the .onnx file the export stage wrote"
             ) from None
         meta = self.session.get_modelmeta().custom_metadata_map
+        self.preprocessing: str = meta.get("preprocessing", "")
         try:
             self.labels: list[str] = json.loads(meta["labels"])
             spec = json.loads(meta["input_spec"])
+            self.input_spec: dict[str, object] = spec
             self.input_name: str = spec["name"]
             self.size = int(spec["image_size"])
             self.pil_mode = "L" if int(spec["channels"]) == 1 else "RGB"
@@ -54,16 +62,21 @@ class _Model:
         return (pixels[..., None] if pixels.ndim == 2 else pixels)[None]
 
 
+def top_indices(probabilities: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k most probable classes, best first; ties keep label order."""
+    return np.argsort(-probabilities, kind="stable")[:k]
+
+
 def predict_files(model_path: Path, images: list[Path], top_k: int = 1) -> list[str]:
     """One line per image: `path<TAB>label<TAB>prob`, or with top_k > 1 `path<TAB>label:prob<TAB>...`."""
     if top_k < 1:
         raise PipelineError(f"--top-k must be at least 1, got {top_k}")
-    model = _Model(model_path)
+    model = OnnxModel(model_path)
     k = min(top_k, len(model.labels))
     lines = []
     for path in map(Path, images):
         probabilities = model.session.run(None, {model.input_name: model.pixels(path)})[0][0]
-        best = np.argsort(-probabilities, kind="stable")[:k]
+        best = top_indices(probabilities, k)
         if top_k == 1:
             lines.append(f"{path}\t{model.labels[best[0]]}\t{probabilities[best[0]]:.4f}")
         else:

@@ -11,9 +11,9 @@ import keras
 from components.artifacts import write_json
 from components.config import Params
 from components.dataset import load_split
-from components.download import cache_dir_from, fetch
+from components.download import cache_dir_from, fetch, fetch_imagenet
 from components.errors import PipelineError
-from components.models import build_model, save_model_dir, uses_application
+from components.models import build_model, load_keras_file, save_model_dir, uses_application
 from components.training import accuracy, fit, open_curves
 
 log = logging.getLogger(__name__)
@@ -63,14 +63,9 @@ def _download(params: Params) -> tuple[keras.Model, None, dict]:
             raise PipelineError(
                 f"weights: imagenet needs a Keras Applications backbone (model.backbone), not {params.model.backbone}"
             )
-        try:
-            model = build_model(params.model, params.data, None, bn_inference=False, backbone_weights="imagenet")
-        except Exception as error:  # Keras raises plain Exception subclasses for network failures
-            raise PipelineError(
-                f"cannot get ImageNet weights for {params.model.backbone} ({error}); on a machine without "
-                "internet, place Keras's weight file in ~/.keras/models, or use weights: PATH with sha256"
-            ) from None
-        return model, None, {"weights": "imagenet", "backbone": params.model.backbone}
+        path = fetch_imagenet(params.model.backbone, cfg.mirror, cfg.sha256, cache_dir_from(cfg.cache_dir))
+        model = build_model(params.model, params.data, None, bn_inference=False, backbone_weights=path)
+        return model, None, {"weights": "imagenet", "backbone": params.model.backbone, "file": str(path)}
     path = fetch(cfg.weights, cfg.sha256, cache_dir_from(cfg.cache_dir))
     if path.name.endswith(".weights.h5"):
         # The weights of a headless model of the configured backbone (what a `source` run saves).
@@ -80,7 +75,7 @@ def _download(params: Params) -> tuple[keras.Model, None, dict]:
         except ValueError as error:
             raise PipelineError(f"{path} does not fit backbone {params.model.backbone}: {error}") from None
     elif path.suffix == ".keras":
-        model = keras.saving.load_model(path, compile=False, safe_mode=True)
+        model = load_keras_file(path)
     else:
         raise PipelineError(f"{path}: source.weights must be a .keras or .weights.h5 file")
     return model, None, {"weights": cfg.weights, "sha256": cfg.sha256, "file": str(path)}

@@ -1,21 +1,60 @@
-"""The training machinery that source training and fine-tuning share: compile, fit, early stopping, curves.
+"""The training machinery that source training and fine-tuning share: the recipe, early stopping, checkpoints, curves.
 
 Keras APIs only, fed from numpy arrays, so the same code runs on the TensorFlow, JAX or torch backend.
+Training runs one epoch per `model.fit` call, so that after every epoch the whole state (weights,
+optimizer, early-stopping counters) can be checkpointed and a killed run resumed where it stopped.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import keras
 import numpy as np
 
+from components.artifacts import atomic_dir
 from components.dataset import Split
 
 log = logging.getLogger(__name__)
+
+STATE_FILE = "state.json"
+ARRAYS_FILE = "arrays.npz"
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Random augmentation applied to training batches only; never part of a saved or exported model."""
+
+    flip: str = "none"  # none | horizontal | vertical | horizontal_and_vertical (digits are not flip-invariant)
+    rotation: float = 0.0  # fraction of a full turn
+    zoom: float = 0.0
+    contrast: float = 0.0
+
+    @property
+    def active(self) -> bool:
+        return self.flip != "none" or bool(self.rotation or self.zoom or self.contrast)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How to train; the plain recipe (no schedule, no smoothing) is what source training uses."""
+
+    warmup_epochs: int = 0
+    cosine_decay: bool = False
+    label_smoothing: float = 0.0
+    class_weight: bool = False
+    augment: Augment = field(default_factory=Augment)
+    jit_compile: bool | str = "auto"
+    # A tiny train split (5 labels per class) is one step per epoch, too few for a schedule to mean
+    # anything: it is repeated (augmented afresh each time) until an epoch has this many steps.
+    min_steps_per_epoch: int = 0
 
 
 @dataclass(frozen=True)
@@ -25,6 +64,59 @@ class FitResult:
     best_val_accuracy: float
     seconds: float
     images_per_second: float
+    resumed_from_epoch: int = 0  # epochs done before this process started (0: a fresh run)
+    val_accuracy: tuple[float, ...] = ()  # per epoch, for time-to-accuracy comparisons
+    elapsed: tuple[float, ...] = ()  # cumulative training seconds at the end of each epoch
+
+
+class Checkpoint:
+    """The training state after the last completed epoch, in one folder replaced whole (atomic_dir).
+
+    `fingerprint` names the inputs (params, data, starting model): a checkpoint written for other
+    inputs is ignored, never resumed. `context`/`context_arrays` carry the caller's own state
+    (e.g. the results of phases already finished) through every save.
+    """
+
+    def __init__(self, directory: Path, fingerprint: str) -> None:
+        self.directory, self.fingerprint = Path(directory), fingerprint
+        self.state: dict | None = None
+        self.arrays: dict[str, list[np.ndarray]] = {}
+        self.context: dict = {}
+        self.context_arrays: dict[str, list[np.ndarray]] = {}
+
+    def load(self) -> bool:
+        """Read a matching, unfinished checkpoint; False (and nothing loaded) if there is none."""
+        path = self.directory / STATE_FILE
+        if not path.is_file():
+            return False
+        state = json.loads(path.read_text())
+        if state.get("fingerprint") != self.fingerprint or state.get("finished"):
+            if not state.get("finished"):
+                log.info("ignoring the checkpoint in %s: it was written for other inputs", self.directory)
+            return False
+        with np.load(self.directory / ARRAYS_FILE) as stored:
+            groups: dict[str, list[np.ndarray]] = {}
+            for key in sorted(stored.files, key=lambda k: (k.rsplit("_", 1)[0], int(k.rsplit("_", 1)[1]))):
+                groups.setdefault(key.rsplit("_", 1)[0], []).append(stored[key])
+        self.state = state
+        self.context = state.get("context", {})
+        self.context_arrays = {k[4:]: v for k, v in groups.items() if k.startswith("ctx.")}
+        self.arrays = {k: v for k, v in groups.items() if not k.startswith("ctx.")}
+        return True
+
+    def save(self, state: dict, arrays: dict[str, list[np.ndarray]]) -> None:
+        flat = {f"{name}_{i}": array for name, group in arrays.items() for i, array in enumerate(group)}
+        flat.update({f"ctx.{name}_{i}": a for name, group in self.context_arrays.items() for i, a in enumerate(group)})
+        with atomic_dir(self.directory) as temp:
+            np.savez(temp / ARRAYS_FILE, **flat)
+            (temp / STATE_FILE).write_text(json.dumps({**state, "fingerprint": self.fingerprint,
+                                                       "context": self.context}, indent=1) + "\n")
+        self.state, self.arrays = state, arrays
+
+    def finish(self) -> None:
+        """Mark the run complete: the folder stays (DVC declares it), but holds nothing to resume."""
+        with atomic_dir(self.directory) as temp:
+            (temp / STATE_FILE).write_text(json.dumps({"fingerprint": self.fingerprint, "finished": True}) + "\n")
 
 
 class _Progress(keras.callbacks.Callback):
@@ -32,12 +124,12 @@ class _Progress(keras.callbacks.Callback):
 
     def __init__(self, phase: str, epochs: int, live: object | None) -> None:
         super().__init__()
-        self.phase, self.epochs, self.live = phase, epochs, live
+        self.phase, self.epochs, self.live, self.epoch = phase, epochs, live, 0
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         logs = logs or {}
         shown = "  ".join(f"{key} {value:.4f}" for key, value in sorted(logs.items()) if key != "learning_rate")
-        log.info("%s epoch %d/%d  %s", self.phase, epoch + 1, self.epochs, shown)
+        log.info("%s epoch %d/%d  %s", self.phase, self.epoch, self.epochs, shown)
         if self.live is not None:
             for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
                 if key in logs:
@@ -45,19 +137,89 @@ class _Progress(keras.callbacks.Callback):
             self.live.next_step()
 
 
-def open_curves(directory: Path) -> object:
+def open_curves(directory: Path, resume: bool = False) -> object:
     """A dvclive logger writing TSV curves under `directory`, leaving dvc.yaml and experiments alone."""
     from dvclive import Live
 
-    return Live(str(directory), dvcyaml=False, save_dvc_exp=False, report=None)
+    return Live(str(directory), dvcyaml=False, save_dvc_exp=False, report=None, resume=resume)
 
 
-def compile_model(model: keras.Model, learning_rate: float) -> None:
+class _ToPixels(keras.layers.Layer):
+    """Back to uint8 after augmentation: the model under training takes raw pixels, like the exported one."""
+
+    def call(self, x: object) -> object:
+        return keras.ops.cast(keras.ops.clip(keras.ops.round(x), 0, 255), "uint8")
+
+
+def with_augmentation(model: keras.Model, augment: Augment, seed: int) -> keras.Model:
+    """A training-only wrapper: augmentation layers in front of `model`, sharing its weights.
+
+    `model` itself is what gets saved, so the augmentation never reaches the exported graph.
+    """
+    if not augment.active:
+        return model
+    layers: list[keras.layers.Layer] = []
+    if augment.flip != "none":
+        layers.append(keras.layers.RandomFlip(augment.flip, seed=seed))
+    if augment.rotation:
+        layers.append(keras.layers.RandomRotation(augment.rotation, fill_mode="constant", seed=seed + 1))
+    if augment.zoom:
+        layers.append(keras.layers.RandomZoom(augment.zoom, fill_mode="constant", seed=seed + 2))
+    if augment.contrast:
+        layers.append(keras.layers.RandomContrast(augment.contrast, value_range=(0, 255), seed=seed + 3))
+    inputs = keras.Input(model.inputs[0].shape[1:], dtype="uint8")
+    x = keras.layers.Rescaling(1.0)(inputs)  # to float for the augmentation layers
+    for layer in layers:
+        x = layer(x)
+    return keras.Model(inputs, model(_ToPixels()(x)), name="training_with_augmentation")
+
+
+def lr_schedule(base: float, recipe: Recipe, epochs: int, steps_per_epoch: int) -> float | object:
+    """Linear warmup then cosine decay to zero over the phase, in optimizer steps (resumes with them)."""
+    if not recipe.cosine_decay and not recipe.warmup_epochs:
+        return base
+    warmup = min(recipe.warmup_epochs, epochs) * steps_per_epoch
+    total = max(epochs * steps_per_epoch, warmup + 1)
+    if not recipe.cosine_decay:  # warmup to `base`, then constant
+        return keras.optimizers.schedules.CosineDecay(base, 1, alpha=1.0, warmup_target=base, warmup_steps=warmup) \
+            if warmup else base
+    if warmup:
+        return keras.optimizers.schedules.CosineDecay(0.0, total - warmup, warmup_target=base, warmup_steps=warmup)
+    return keras.optimizers.schedules.CosineDecay(base, total)
+
+
+def class_weights(labels: np.ndarray, num_classes: int) -> dict[int, float]:
+    """Balanced weights (n / (k * count)): a rare class counts as much in the loss as a common one."""
+    counts = np.bincount(labels, minlength=num_classes).astype(float)
+    return {k: float(len(labels) / (num_classes * c)) if c else 0.0 for k, c in enumerate(counts)}
+
+
+def compile_model(model: keras.Model, rate: float | object, label_smoothing: float = 0.0,
+                  jit_compile: bool | str = "auto") -> None:
+    # One-hot targets: label smoothing needs them, and the same loss serves both cases.
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate),
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
+        optimizer=keras.optimizers.Adam(rate),
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing),
+        metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
+        jit_compile=jit_compile,
     )
+
+
+def one_hot(split: Split) -> np.ndarray:
+    return np.eye(len(split.classes), dtype="float32")[split.y]
+
+
+def _optimizer_values(model: keras.Model) -> list[np.ndarray]:
+    return [keras.ops.convert_to_numpy(v) for v in model.optimizer.variables]
+
+
+def _restore_optimizer(model: keras.Model, values: list[np.ndarray]) -> None:
+    model.optimizer.build(model.trainable_variables)
+    variables = model.optimizer.variables
+    if len(variables) != len(values):
+        raise ValueError(f"the checkpoint holds {len(values)} optimizer variables, this model needs {len(variables)}")
+    for variable, value in zip(variables, values):
+        variable.assign(value)
 
 
 def fit(
@@ -71,40 +233,176 @@ def fit(
     learning_rate: float,
     patience: int,
     live: object | None = None,
+    recipe: Recipe | None = None,
+    checkpoint: Checkpoint | None = None,
+    seed: int = 0,
 ) -> FitResult:
     """Train with Adam and early stopping on validation loss; the model ends at its best epoch.
 
     Validation loss, not accuracy: on small validation sets accuracy ties early (1.0 for epochs on
-    end) while the loss still tells better weights from worse.
+    end) while the loss still tells better weights from worse. With a `checkpoint`, every epoch
+    ends with a save, and a checkpoint of this phase found at the start is resumed.
     """
-    compile_model(model, learning_rate)
-    stopper = keras.callbacks.EarlyStopping(
-        monitor="val_loss", patience=patience, restore_best_weights=True, start_from_epoch=0
-    )
+    recipe = recipe or Recipe()
+    batch_size = min(batch_size, len(train))
+    repeats = max(1, math.ceil(recipe.min_steps_per_epoch * batch_size / len(train)))
+    x_train = np.concatenate([train.x] * repeats) if repeats > 1 else train.x
+    steps = math.ceil(len(x_train) / batch_size)
+    trainer = with_augmentation(model, recipe.augment, seed)
+    rate = lr_schedule(learning_rate, recipe, epochs, steps)
+    compile_model(trainer, rate, recipe.label_smoothing, recipe.jit_compile)
+    weights = class_weights(train.y, len(train.classes)) if recipe.class_weight else None
+    y_train, y_val = np.concatenate([one_hot(train)] * repeats), one_hot(val)
+
+    state = {"phase": phase, "epoch": 0, "best_loss": math.inf, "best_epoch": 0, "wait": 0, "stopped": False,
+             "history": {"loss": [], "val_loss": [], "val_accuracy": [], "elapsed": []}}
+    best = model.get_weights()
+    resumed = 0
+    if checkpoint is not None and checkpoint.state and checkpoint.state.get("phase") == phase:
+        state = checkpoint.state
+        model.set_weights(checkpoint.arrays["weights"])
+        best = checkpoint.arrays["best"]
+        if "optimizer" in checkpoint.arrays:
+            _restore_optimizer(trainer, checkpoint.arrays["optimizer"])
+        resumed = state["epoch"]
+        log.info("%s: resuming after epoch %d of %d from the checkpoint in %s", phase, resumed, epochs,
+                 checkpoint.directory)
+    progress = _Progress(phase, epochs, live)
+    history = state["history"]
+    offset = history["elapsed"][-1] if history["elapsed"] else 0.0
     started = time.perf_counter()
-    history = model.fit(
-        train.x,
-        train.y,
-        validation_data=(val.x, val.y),
-        batch_size=min(batch_size, len(train)),
-        epochs=epochs,
-        shuffle=True,
-        verbose=0,
-        callbacks=[stopper, _Progress(phase, epochs, live)],
-    )
-    seconds = time.perf_counter() - started
-    val_accuracy = history.history["val_accuracy"]
-    epochs_run = len(val_accuracy)
-    best = int(np.argmin(history.history["val_loss"]))
+    while state["epoch"] < epochs and not state["stopped"]:
+        # Seeded per epoch: a resumed run shuffles and augments like an uninterrupted one would.
+        keras.utils.set_random_seed(seed + 1000 * (phase != "head") + state["epoch"])
+        progress.epoch = state["epoch"] + 1
+        logs = trainer.fit(x_train, y_train, validation_data=(val.x, y_val), batch_size=batch_size, epochs=1,
+                           shuffle=True, verbose=0, class_weight=weights, callbacks=[progress]).history
+        state["epoch"] += 1
+        for key in ("loss", "val_loss", "val_accuracy"):
+            history[key].append(float(logs[key][-1]))
+        history["elapsed"].append(round(offset + time.perf_counter() - started, 3))
+        if history["val_loss"][-1] < state["best_loss"]:
+            state.update(best_loss=history["val_loss"][-1], best_epoch=state["epoch"], wait=0)
+            best = model.get_weights()
+        else:
+            state["wait"] += 1
+            if state["wait"] >= patience:
+                state["stopped"] = True
+                log.info("%s: early stop after epoch %d (best: epoch %d)", phase, state["epoch"], state["best_epoch"])
+        if checkpoint is not None:
+            checkpoint.save(state, {"weights": model.get_weights(), "best": best,
+                                    "optimizer": _optimizer_values(trainer)})
+    model.set_weights(best)
+    seconds = history["elapsed"][-1] if history["elapsed"] else 0.0
+    epochs_run = len(history["val_loss"])
+    best_index = max(state["best_epoch"] - 1, 0)
     return FitResult(
         epochs_run=epochs_run,
-        best_epoch=best + 1,
-        best_val_accuracy=float(val_accuracy[best]),
+        best_epoch=state["best_epoch"],
+        best_val_accuracy=float(history["val_accuracy"][best_index]) if epochs_run else 0.0,
         seconds=round(seconds, 3),
-        images_per_second=round(epochs_run * len(train) / seconds, 1) if seconds else 0.0,
+        images_per_second=round(epochs_run * len(x_train) / seconds, 1) if seconds else 0.0,
+        resumed_from_epoch=resumed,
+        val_accuracy=tuple(round(v, 6) for v in history["val_accuracy"]),
+        elapsed=tuple(history["elapsed"]),
     )
+
+
+def evaluate(model: keras.Model, split: Split) -> dict[str, float]:
+    """Loss and accuracy as training measures them (one-hot, no smoothing)."""
+    model.compile(loss="categorical_crossentropy", metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")])
+    return model.evaluate(split.x, one_hot(split), verbose=0, return_dict=True)
 
 
 def accuracy(model: keras.Model, split: Split, batch_size: int = 256) -> float:
     predicted = model.predict(split.x, batch_size=batch_size, verbose=0).argmax(axis=1)
     return float((predicted == split.y).mean())
+
+
+# Accelerators -----------------------------------------------------------------------------------
+
+def accelerators() -> list[str]:
+    """GPU/TPU devices the backend sees (empty on CPU)."""
+    return [d for d in keras.distribution.list_devices() if not d.lower().startswith("cpu")] \
+        if keras.backend.backend() == "jax" else _tf_gpus()
+
+
+def _tf_gpus() -> list[str]:
+    if keras.backend.backend() != "tensorflow":
+        return []
+    import tensorflow as tf  # only on the TensorFlow backend, which has it
+
+    return [d.name for d in tf.config.list_logical_devices("GPU")]
+
+
+def resolve_precision(precision: str) -> str:
+    """`auto`: bf16 mixed precision on an accelerator (no loss scaling needed), float32 on CPU."""
+    if precision != "auto":
+        return precision
+    return "mixed_bfloat16" if accelerators() else "float32"
+
+
+def with_precision(model: keras.Model, policy: str) -> keras.Model:
+    """A copy of `model` computing in `policy` (variables stay float32), sharing nothing with it.
+
+    A loaded model keeps the float32 policy it was saved with, so mixed precision needs a clone;
+    the trained weights go back into the float32 original, which is what gets saved and exported.
+    """
+    if policy == "float32":
+        return model
+
+    def clone(layer: keras.layers.Layer) -> keras.layers.Layer:
+        if isinstance(layer, keras.layers.InputLayer) or isinstance(layer, keras.Model):
+            return layer.__class__.from_config(layer.get_config())
+        config = layer.get_config()
+        # The head's softmax stays float32 for a numerically safe loss (Keras's mixed-precision advice).
+        config["dtype"] = "float32" if layer.name == "head" else policy
+        return layer.__class__.from_config(config)
+
+    copy = keras.models.clone_model(model, clone_function=clone, recursive=True)
+    copy.set_weights(model.get_weights())
+    for original, cloned in zip(_all_layers(model), _all_layers(copy)):
+        cloned.trainable = original.trainable
+    return copy
+
+
+def _all_layers(model: keras.Model) -> Iterator[keras.layers.Layer]:
+    for layer in model.layers:
+        yield layer
+        if isinstance(layer, keras.Model):
+            yield from _all_layers(layer)
+
+
+@contextmanager
+def data_parallel(enabled: bool) -> Iterator[int]:
+    """Replicate the model over every local device and split each batch between them; yields the count.
+
+    TensorFlow: tf.distribute.MirroredStrategy (build or load the model inside this block).
+    JAX: keras.distribution.DataParallel. One device, or `enabled` false: a no-op.
+    """
+    backend = keras.backend.backend()
+    if not enabled or backend not in ("tensorflow", "jax"):
+        yield 1
+        return
+    if backend == "jax":
+        devices = keras.distribution.list_devices()
+        if len(devices) < 2:
+            yield 1
+            return
+        previous = keras.distribution.distribution()
+        keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
+        try:
+            yield len(devices)
+        finally:
+            keras.distribution.set_distribution(previous)
+        return
+    import tensorflow as tf
+
+    devices = [d.name for d in tf.config.list_logical_devices("GPU")] or \
+        [d.name for d in tf.config.list_logical_devices("CPU")]
+    if len(devices) < 2:
+        yield 1
+        return
+    strategy = tf.distribute.MirroredStrategy(devices)
+    with strategy.scope():
+        yield strategy.num_replicas_in_sync

@@ -1,4 +1,10 @@
-"""Stage `transfer`: build the target model and copy the source model's weights into it, shape-checked."""
+"""Stage `transfer`: build the target model, copy the source model's weights into it, and freeze by policy.
+
+Weights move layer by layer (matched by path or by position), only where every shape agrees; the
+one exception is the first convolution when the channel counts differ (gray <-> RGB), whose
+kernel is adapted so a gray image gives the same response. Everything else is skipped with a
+reason and keeps its fresh initialization; reports/transfer.json and a markdown table say which.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +13,12 @@ import logging
 from dataclasses import dataclass
 
 import keras
+import numpy as np
 
-from components.artifacts import write_json
+from components.artifacts import write_json, write_text
 from components.config import Params
 from components.dataset import class_names
+from components.errors import PipelineError
 from components.models import BACKBONE_NAME, build_model, load_model_dir, save_model_dir, weighted_layers
 
 log = logging.getLogger(__name__)
@@ -21,36 +29,141 @@ class TransferResult:
     transferred: int
     skipped: int
     reinitialized: int
+    frozen: int
 
     def __str__(self) -> str:
-        return f"{self.transferred} layers transferred, {self.skipped} skipped, {self.reinitialized} reinitialized"
+        return (f"{self.transferred} layers transferred, {self.skipped} skipped, "
+                f"{self.reinitialized} reinitialized, {self.frozen} frozen")
 
 
-def _shapes(layer: keras.layers.Layer) -> list[tuple[int, ...]]:
-    return [tuple(weight.shape) for weight in layer.weights]
+def _shapes(weights: list[np.ndarray]) -> list[tuple[int, ...]]:
+    return [tuple(weight.shape) for weight in weights]
 
 
-def transfer_weights(source: keras.Model, target: keras.Model, patterns: tuple[str, ...]) -> dict[str, list]:
-    """Copy weights layer by layer where the path matches a pattern and every weight's shape agrees."""
-    source_layers = dict(weighted_layers(source))
-    report: dict[str, list] = {"transferred": [], "skipped": [], "reinitialized": []}
-    for path, layer in weighted_layers(target):
-        if not any(fnmatch.fnmatchcase(path, pattern) for pattern in patterns):
-            report["reinitialized"].append({"layer": path, "reason": "not selected by transfer.layers"})
-            continue
-        donor = source_layers.get(path)
-        if donor is None:
-            report["skipped"].append({"layer": path, "reason": "no layer of this name in the source model"})
-            report["reinitialized"].append({"layer": path, "reason": "skipped"})
-            continue
-        if _shapes(donor) != _shapes(layer):
-            reason = f"shape mismatch: source {_shapes(donor)} vs target {_shapes(layer)}"
+def _adapt_channels(donor: list[np.ndarray], target_shapes: list[tuple[int, ...]]) -> tuple[list[np.ndarray], str] | None:
+    """A conv kernel for 1 input channel made to take 3 (replicated / 3) or 3 made to take 1 (summed).
+
+    Either way the response to a gray image (R = G = B) is unchanged. None when the mismatch is
+    anything else.
+    """
+    kernel, *rest = donor
+    wanted = target_shapes[0]
+    if kernel.ndim != 4 or len(wanted) != 4 or _shapes(rest) != target_shapes[1:]:
+        return None
+    if kernel.shape[:2] != wanted[:2] or kernel.shape[3] != wanted[3]:
+        return None
+    if (kernel.shape[2], wanted[2]) == (1, 3):
+        return [np.repeat(kernel, 3, axis=2) / 3.0, *rest], "gray to RGB: kernel replicated over 3 channels / 3"
+    if (kernel.shape[2], wanted[2]) == (3, 1):
+        return [kernel.sum(axis=2, keepdims=True), *rest], "RGB to gray: kernel summed over channels"
+    return None
+
+
+def transfer_weights(
+    source: keras.Model,
+    target: keras.Model,
+    patterns: tuple[str, ...],
+    match: str = "name",
+    adapt_channels: bool = True,
+) -> dict[str, list]:
+    """Copy weights into `target` where its layer path matches a pattern; returns the per-layer report.
+
+    match="name": the source layer with the same path; match="position": the n-th weighted layer
+    of the source for the n-th weighted layer of the target (different layer names, same design).
+    """
+    source_list = list(weighted_layers(source))
+    source_by_path = dict(source_list)
+    target_list = list(weighted_layers(target))
+    first_conv = next((path for path, layer in target_list if isinstance(layer, keras.layers.Conv2D)), None)
+    report: dict[str, list] = {"layers": [], "transferred": [], "skipped": [], "reinitialized": []}
+
+    def record(path: str, status: str, source_path: str | None, reason: str) -> None:
+        report["layers"].append({"layer": path, "status": status, "source": source_path, "reason": reason})
+        if status == "skipped":
             report["skipped"].append({"layer": path, "reason": reason})
-            report["reinitialized"].append({"layer": path, "reason": "skipped"})
+        if status in ("skipped", "reinitialized"):
+            report["reinitialized"].append({"layer": path, "reason": "skipped" if status == "skipped" else reason})
+
+    for index, (path, layer) in enumerate(target_list):
+        if not any(fnmatch.fnmatchcase(path, pattern) for pattern in patterns):
+            record(path, "reinitialized", None, "not selected by transfer.layers")
             continue
-        layer.set_weights(donor.get_weights())
-        report["transferred"].append({"layer": path, "weights": sum(int(w.size) for w in donor.get_weights())})
+        if match == "position":
+            donor_path, donor = source_list[index] if index < len(source_list) else (None, None)
+            missing = f"the source model has only {len(source_list)} weighted layers"
+        else:
+            donor_path, donor = path, source_by_path.get(path)
+            missing = "no layer of this name in the source model"
+        if donor is None:
+            record(path, "skipped", None, missing)
+            continue
+        weights, wanted = donor.get_weights(), _shapes(layer.get_weights())
+        note = ""
+        if _shapes(weights) != wanted:
+            adapted = _adapt_channels(weights, wanted) if adapt_channels and path == first_conv else None
+            if adapted is None:
+                record(path, "skipped", donor_path, f"shape mismatch: source {_shapes(weights)} vs target {wanted}")
+                continue
+            weights, note = adapted
+        layer.set_weights(weights)
+        report["transferred"].append({"layer": path, "source": donor_path,
+                                      "weights": sum(int(w.size) for w in weights), **({"adapted": note} if note else {})})
+        record(path, "adapted" if note else "transferred", donor_path, note)
     return report
+
+
+def apply_freeze(target: keras.Model, policy: str) -> list[str]:
+    """Freeze backbone layers by policy (all | none | until:NAME | top:N); returns the frozen paths.
+
+    until:NAME freezes from the input up to and including the last layer whose name starts with
+    NAME (e.g. until:block2); top:N leaves the top N weighted backbone layers trainable.
+    """
+    backbone = target.get_layer(BACKBONE_NAME)
+    weighted = list(weighted_layers(backbone, prefix=f"{BACKBONE_NAME}."))
+    if policy == "all":
+        count = len(weighted)
+    elif policy == "none":
+        count = 0
+    elif policy.startswith("until:"):
+        name = policy.split(":", 1)[1]
+        hits = [i for i, (path, layer) in enumerate(weighted) if layer.name.startswith(name)]
+        if not hits:
+            sample = ", ".join(layer.name for _, layer in weighted[:6])
+            raise PipelineError(f"transfer.freeze {policy}: no backbone layer is named {name}*; "
+                                f"layer names start like: {sample}, ...")
+        count = hits[-1] + 1
+    elif policy.startswith("top:"):
+        count = max(len(weighted) - int(policy.split(":", 1)[1]), 0)
+    else:  # config.py validates the syntax; this guards callers that bypass it
+        raise PipelineError(f"transfer.freeze {policy!r}: use all, none, until:NAME or top:N")
+    # The whole-model switch first: setting it on a model resets every sublayer.
+    backbone.trainable = count < len(weighted)
+    for position, (_, layer) in enumerate(weighted):
+        layer.trainable = position >= count
+    return [path for path, _ in weighted[:count]]
+
+
+def _table(report: dict, params: Params) -> str:
+    """The per-layer report as a markdown table a person can read."""
+    frozen = set(report["frozen"])
+    counts = {status: sum(item["status"] == status for item in report["layers"])
+              for status in ("transferred", "adapted", "skipped", "reinitialized")}
+    lines = [
+        "# Weight transfer",
+        "",
+        f"match: `{params.transfer.match}`, layers: `{', '.join(params.transfer.layers)}`, "
+        f"freeze: `{params.transfer.freeze}`",
+        "",
+        ", ".join(f"{count} {status}" for status, count in counts.items()) + f", {len(frozen)} frozen",
+        "",
+        "| # | layer | status | from | frozen | why |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for number, item in enumerate(report["layers"], start=1):
+        why = item["reason"].replace("|", "\\|")
+        lines.append(f"| {number} | `{item['layer']}` | {item['status']} | {item['source'] or ''} | "
+                     f"{'yes' if item['layer'] in frozen else 'no'} | {why} |")
+    return "\n".join(lines) + "\n"
 
 
 def run(params: Params) -> TransferResult:
@@ -58,16 +171,16 @@ def run(params: Params) -> TransferResult:
     classes = class_names(params.paths.clean, "target")
     keras.utils.set_random_seed(params.seed)
     target = build_model(params.model, params.data, len(classes), bn_inference=True)
-    report = transfer_weights(source, target, params.transfer.layers)
+    cfg = params.transfer
+    report = transfer_weights(source, target, cfg.layers, cfg.match, cfg.adapt_channels)
     if not report["transferred"]:
         log.warning("no layer was transferred: the target model starts from scratch (check transfer.layers)")
-    frozen = params.transfer.freeze == "backbone"
-    target.get_layer(BACKBONE_NAME).trainable = not frozen
-    report["frozen"] = [path for path, _ in weighted_layers(target) if path.startswith(f"{BACKBONE_NAME}.")] if frozen else []
-    report["freeze"] = params.transfer.freeze
-    report["patterns"] = list(params.transfer.layers)
+    report["frozen"] = apply_freeze(target, cfg.freeze)
+    report.update(freeze=cfg.freeze, match=cfg.match, patterns=list(cfg.layers))
     save_model_dir(target, classes, params.paths.transferred_model)
     write_json(params.paths.transfer_report, report)
+    write_text(params.paths.transfer_table, _table(report, params))
     for item in report["skipped"]:
         log.info("skipped %s: %s", item["layer"], item["reason"])
-    return TransferResult(len(report["transferred"]), len(report["skipped"]), len(report["reinitialized"]))
+    return TransferResult(len(report["transferred"]), len(report["skipped"]), len(report["reinitialized"]),
+                          len(report["frozen"]))

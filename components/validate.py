@@ -12,8 +12,10 @@ from typing import TYPE_CHECKING, Any
 
 from components.artifacts import atomic_dir, atomic_path, write_json, write_text
 from components.config import Params
+from components.drift import check_drift
 from components.errors import PipelineError
-from components.images import MANIFEST_COLUMNS, TASKS, class_folders, inspect_image, list_class_images
+from components.images import MANIFEST_COLUMNS, STAT_COLUMNS, TASKS, class_folders, inspect_image, list_class_images
+from components.ingest import rejected_files
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -28,30 +30,37 @@ CRITICAL_SUITES = ("manifest", "class_counts")
 class ValidateResult:
     success: bool
     images: int
-    undecodable: int
+    unusable: int
     duplicates: int
     data_docs: Path
 
     def __str__(self) -> str:
         verdict = "passed" if self.success else "FAILED"
-        return (f"validation {verdict}: {self.images} files, {self.undecodable} undecodable and {self.duplicates} "
+        return (f"validation {verdict}: {self.images} files, {self.unusable} unusable files and {self.duplicates} "
                 f"duplicate copies (clean quarantines them); report {self.data_docs / 'index.html'}")
 
 
-def _manifest(raw: Path, max_pixels: int) -> tuple["pd.DataFrame", dict[str, list[str]]]:
+def _manifest(params: Params) -> tuple["pd.DataFrame", dict[str, list[str]]]:
+    """One row per input file: those in paths.raw, and those ingest could not copy (with its reason)."""
     import pandas as pd
 
+    raw, limits = params.paths.raw, params.validation
     rows: list[dict[str, Any]] = []
     classes: dict[str, list[str]] = {}
+    rejected = rejected_files(raw)
     for task in TASKS:
         if not (raw / task).is_dir():
             raise PipelineError(f"{raw / task} not found; run `tlpipe stage ingest` first")
         classes[task] = class_folders(raw / task)
         for rel, label in list_class_images(raw / task, every_file=True):
-            facts = inspect_image(raw / task / rel, max_pixels)
+            facts = inspect_image(raw / task / rel, limits.max_pixels, limits.min_side, limits.max_side)
             rows.append({"task": task, "path": f"{task}/{rel}", "label": label, **facts})
-    frame = pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS))
-    frame = frame.astype({"width": "Int64", "height": "Int64", "bytes": "int64", "decodable": "bool"})
+        # Never copied, so never hashed: sha256 "" marks a row with no content in paths.raw.
+        rows += [{"task": task, "path": f"{task}/{r['path']}", "label": r["label"], "bytes": 0, "sha256": "",
+                  "decodable": False, "error": r["reason"], "dhash": ""} for r in rejected[task]]
+    frame = pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS)).sort_values("path", ignore_index=True)
+    frame = frame.astype({"width": "Int64", "height": "Int64", "bytes": "int64", "decodable": "bool",
+                          **{c: "float64" for c in STAT_COLUMNS}})
     return frame, classes
 
 
@@ -60,15 +69,21 @@ def _class_counts(manifest: "pd.DataFrame", classes: dict[str, list[str]]) -> "p
     import pandas as pd
 
     files = Counter(zip(manifest["task"], manifest["label"]))
-    good = Counter(zip(manifest.loc[manifest["decodable"], "task"], manifest.loc[manifest["decodable"], "label"]))
-    rows = [{"task": t, "label": c, "images": files[(t, c)], "decodable": good[(t, c)]}
+    ok = manifest[manifest["error"] == ""]
+    usable = Counter(zip(ok["task"], ok["label"]))
+    rows = [{"task": t, "label": c, "images": files[(t, c)], "usable": usable[(t, c)]}
             for t in TASKS for c in classes[t]]
-    return pd.DataFrame(rows, columns=["task", "label", "images", "decodable"])
+    frame = pd.DataFrame(rows, columns=["task", "label", "images", "usable"])
+    # Each class's size relative to its task's largest class: the imbalance bound reads this.
+    largest = frame.groupby("task")["usable"].transform("max").clip(lower=1)
+    frame["share_of_largest"] = frame["usable"] / largest
+    return frame
 
 
 def _duplicates(manifest: "pd.DataFrame") -> int:
     """Redundant copies: files whose exact bytes already appear earlier in the same task."""
-    return int(manifest.duplicated(subset=["task", "sha256"]).sum())
+    stored = manifest[manifest["sha256"] != ""]
+    return int(stored.duplicated(subset=["task", "sha256"]).sum())
 
 
 def _suites(params: Params, classes: dict[str, list[str]]) -> dict[str, list[Any]]:
@@ -77,27 +92,36 @@ def _suites(params: Params, classes: dict[str, list[str]]) -> dict[str, list[Any
 
     limits = params.validation
     size = {"min_value": limits.min_side, "max_value": limits.max_side}
-    decodable = Column("decodable") == True  # noqa: E712  (builds a GX condition, not a comparison)
+    usable = Column("error") == ""
     per_task = {t: Column("task") == t for t in TASKS}
     manifest = [
-        gxe.ExpectTableColumnsToMatchOrderedList(column_list=list(MANIFEST_COLUMNS)),
+        gxe.ExpectTableColumnsToMatchOrderedList(column_list=[*MANIFEST_COLUMNS, "aspect"]),
         gxe.ExpectColumnValuesToBeInSet(column="task", value_set=list(TASKS)),
         *(gxe.ExpectColumnValuesToNotBeNull(column=c) for c in ("path", "label", "sha256")),
         gxe.ExpectColumnValuesToBeUnique(column="path"),
         *(gxe.ExpectColumnValuesToBeInSet(column="label", value_set=classes[t], row_condition=per_task[t])
           for t in TASKS),
-        # Only images clean will keep must fit; undecodable files are quarantined whatever their size.
-        gxe.ExpectColumnValuesToBeBetween(column="width", row_condition=decodable, **size),
-        gxe.ExpectColumnValuesToBeBetween(column="height", row_condition=decodable, **size),
+        # Images clean keeps must be trainable: extreme strips are almost always scans or banners.
+        gxe.ExpectColumnValuesToBeBetween(column="aspect", row_condition=usable, min_value=1,
+                                          max_value=limits.max_aspect_ratio),
     ]
     class_counts = [
-        gxe.ExpectColumnValuesToBeBetween(column="decodable", min_value=limits.min_images_per_class),
+        gxe.ExpectColumnValuesToBeBetween(column="usable", min_value=limits.min_images_per_class),
+        gxe.ExpectColumnValuesToBeBetween(column="share_of_largest", min_value=1 / limits.max_imbalance_ratio,
+                                          max_value=1),
         *(gxe.ExpectColumnUniqueValueCountToBeBetween(column="label", min_value=2, row_condition=per_task[t])
           for t in TASKS),
     ]
+    if not limits.allow_class_overlap:
+        class_counts.append(gxe.ExpectColumnValuesToNotBeInSet(
+            column="label", value_set=classes["source"], row_condition=per_task["target"]))
     report = [
-        gxe.ExpectColumnValuesToBeInSet(column="decodable", value_set=[True], severity="info",
-                                        description="Undecodable files are quarantined by clean."),
+        gxe.ExpectColumnValuesToBeInSet(column="error", value_set=[""], severity="info",
+                                        description="Unusable files are quarantined by clean, with this reason."),
+        gxe.ExpectColumnValuesToBeBetween(column="width", row_condition=Column("decodable") == True,  # noqa: E712
+                                          severity="info", description="Clean quarantines other sizes.", **size),
+        gxe.ExpectColumnValuesToBeBetween(column="height", row_condition=Column("decodable") == True,  # noqa: E712
+                                          severity="info", description="Clean quarantines other sizes.", **size),
         *(gxe.ExpectColumnValuesToBeUnique(column="sha256", row_condition=per_task[t], severity="info",
                                            description="Exact duplicates are quarantined by clean.") for t in TASKS),
     ]
@@ -150,24 +174,45 @@ def _summarize(name: str, result: Any) -> dict[str, Any]:
 def _explain(entry: dict[str, Any], manifest: "pd.DataFrame", counts: "pd.DataFrame", params: Params) -> str:
     """One sentence a person can act on, for a failed critical expectation."""
     kwargs, limits = entry["kwargs"], params.validation
-    if entry["expectation"] == "expect_column_values_to_be_between" and kwargs.get("column") == "decodable":
-        short = counts[counts["decodable"] < limits.min_images_per_class]
+    column = kwargs.get("column")
+    if column == "usable":
+        short = counts[counts["usable"] < limits.min_images_per_class]
         return "; ".join(
-            f"class '{row.label}' of {row.task} has {row.decodable} decodable images, fewer than "
+            f"class '{row.label}' of {row.task} is an empty folder; add images to it or remove the folder"
+            if row.images == 0 else
+            f"class '{row.label}' of {row.task} has {row.usable} usable images, fewer than "
             f"validate.min_images_per_class={limits.min_images_per_class}; add images or lower the threshold"
             for row in short.itertuples())
+    if column == "share_of_largest":
+        small = counts[counts["share_of_largest"] < 1 / limits.max_imbalance_ratio]
+        return "; ".join(
+            f"class '{row.label}' of {row.task} has {row.usable} usable images, over "
+            f"validate.max_imbalance_ratio={limits.max_imbalance_ratio:g} times fewer than its largest class; "
+            "add images to it, remove images from the largest classes, or raise the bound"
+            for row in small.itertuples())
+    if entry["expectation"] == "expect_column_values_to_not_be_in_set":
+        shared = sorted(set(counts.loc[counts["task"] == "target", "label"]) & set(kwargs["value_set"]))
+        return (f"target classes {shared} are also source classes: the target task should be new classes; "
+                "rename or remove them, or set validate.allow_class_overlap: true if this is intended")
     if entry["expectation"] == "expect_column_unique_value_count_to_be_between":
         task = kwargs["row_condition"]["parameter"]
-        return f"{task} has {entry.get('observed_value')} class folder(s); a classifier needs at least 2"
-    if entry["expectation"] == "expect_column_values_to_be_between":
-        side = manifest[kwargs["column"]]
-        bad = manifest[manifest["decodable"] & ((side < limits.min_side) | (side > limits.max_side))]
+        return (f"{task} has {entry.get('observed_value')} class folder(s); a classifier needs at least 2: "
+                "add another class folder")
+    if column == "aspect":
+        bad = manifest[(manifest["error"] == "") & (manifest["aspect"] > limits.max_aspect_ratio)]
         examples = ", ".join(f"{r.path} ({r.width}x{r.height})" for r in bad.head(3).itertuples())
-        return (f"{entry.get('unexpected_count')} decodable images have a {kwargs['column']} outside "
-                f"validate.min_side..max_side ({limits.min_side}..{limits.max_side}), e.g. {examples}; "
-                f"resize or remove them, or change the limits")
+        return (f"{entry.get('unexpected_count')} images have an aspect ratio over "
+                f"validate.max_aspect_ratio={limits.max_aspect_ratio:g}, e.g. {examples}; crop or remove them, "
+                "or raise the bound")
     detail = entry.get("exception") or f"{entry.get('unexpected_count', entry.get('observed_value'))} unexpected"
     return f"{entry['expectation']} {kwargs} failed ({detail})"
+
+
+def _drift_problem(drifted: list[dict[str, Any]], params: Params) -> str:
+    shifts = ", ".join(f"{c['name']} {c['value']:g} > {c['threshold']:g}" for c in drifted)
+    return (f"the data drifted from the last validated dataset ({shifts}; details in {params.paths.drift_report}); "
+            f"if the change is intended, delete {params.paths.drift_reference} to accept this dataset as the new "
+            "reference, or raise the validate.drift_max_* bounds")
 
 
 _PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>tlpipe data validation</title><style>
@@ -178,7 +223,7 @@ td, th {{border: 1px solid #ccc; padding: 3px 8px; text-align: left}} tr.bad td 
 <p>Info-severity expectations report what clean will quarantine; only critical ones fail the stage.</p>
 <h2>Great Expectations validation results</h2>
 <ul>{links}<li><a href="gx_index.html">GX index (its table needs internet for its scripts)</a></li></ul>
-<h2>Classes</h2><table><tr><th>task</th><th>class</th><th>files</th><th>decodable</th></tr>{classes}</table>
+<h2>Classes</h2><table><tr><th>task</th><th>class</th><th>files</th><th>usable</th></tr>{classes}</table>
 <h2>Expectations</h2><table><tr><th>suite</th><th>severity</th><th>expectation</th><th>arguments</th><th>result</th>
 <th>observed / unexpected</th></tr>{expectations}</table></body></html>
 """
@@ -201,7 +246,7 @@ def _index_html(success: bool, entries: list[dict[str, Any]], counts: "pd.DataFr
     return _PAGE.format(
         color="#070" if success else "#b00", verdict="PASSED" if success else "FAILED",
         problems="".join(f"<li>{html.escape(p)}</li>" for p in problems), links=links,
-        classes="".join(row(r.task, r.label, r.images, r.decodable) for r in counts.itertuples()),
+        classes="".join(row(r.task, r.label, r.images, r.usable) for r in counts.itertuples()),
         expectations=expectations)
 
 
@@ -210,37 +255,47 @@ def run(params: Params) -> ValidateResult:
     paths = params.paths
     # GX logs chatter at INFO, some of it while importing; the stage's own log says what matters.
     logging.getLogger("great_expectations").setLevel(logging.WARNING)
-    manifest, classes = _manifest(paths.raw, params.validation.max_pixels)
+    manifest, classes = _manifest(params)
     with atomic_path(paths.manifest) as temp:
         manifest.to_csv(temp, index=False)
     log.info("manifest: %d files -> %s", len(manifest), paths.manifest)
 
     counts = _class_counts(manifest, classes)
     # GX's pandas engine wants plain numbers; nullable integers become floats with NaN here only.
-    frames = {"manifest": manifest.astype({"width": "float64", "height": "float64"}),
-              "class_counts": counts, "informational": manifest}
+    numeric = manifest.astype({"width": "float64", "height": "float64"})
+    # Wide over tall or tall over wide, >= 1; NaN for files without a size.
+    numeric["aspect"] = numeric[["width", "height"]].max(axis=1) / numeric[["width", "height"]].min(axis=1)
+    frames = {"manifest": numeric, "class_counts": counts, "informational": numeric}
     with atomic_dir(paths.data_docs) as docs:
         results = _run_gx(frames, _suites(params, classes), docs)
         entries = [_summarize(name, r) for name, suite_result in results for r in suite_result.results]
         success = all(e["success"] for e in entries if e["severity"] == "critical")
         failed = [e for e in entries if e["severity"] == "critical" and not e["success"]]
         problems = [_explain(e, manifest, counts, params) for e in failed]
-        write_text(docs / "index.html", _index_html(success, entries, counts, docs, problems))
+        # Only a dataset that passed is compared, and only one that passes becomes the next reference.
+        drift = check_drift(manifest, params) if success else None
+        drifted = [c for c in (drift or {}).get("checks", []) if not c["passed"]]
+        if drifted:
+            problems.append(_drift_problem(drifted, params))
+        gated = success and bool(drifted) and params.validation.drift_gate
+        write_text(docs / "index.html", _index_html(success and not gated, entries, counts, docs, problems))
 
-    undecodable = int((~manifest["decodable"]).sum())
+    unusable = int((manifest["error"] != "").sum())
     duplicates = _duplicates(manifest)
     tasks = {
         task: {
             "images": int((manifest["task"] == task).sum()),
-            "classes": {row.label: {"images": int(row.images), "decodable": int(row.decodable)}
+            "classes": {row.label: {"images": int(row.images), "usable": int(row.usable)}
                         for row in counts[counts["task"] == task].itertuples()},
         }
         for task in TASKS
     }
     write_json(paths.validation, {"success": success, "tasks": tasks, "expectations": entries,
-                                  "undecodable": undecodable, "duplicates": duplicates})
-    result = ValidateResult(success, len(manifest), undecodable, duplicates, paths.data_docs)
-    if not success:
+                                  "unusable": unusable, "duplicates": duplicates})
+    result = ValidateResult(success, len(manifest), unusable, duplicates, paths.data_docs)
+    if not success or gated:
         raise PipelineError(f"validation failed: {'; '.join(problems)}. Report: {paths.data_docs / 'index.html'}")
+    if drifted:
+        log.warning("%s (validate.drift_gate is false: not failing)", problems[-1])
     log.info("%s", result)
     return result

@@ -52,9 +52,9 @@ def test_bad_files_and_duplicates_are_quarantined_with_reasons(tmp_path: Path) -
     reasons = {q["path"]: q["reason"] for q in report["quarantined"]}
     assert set(reasons) == {"target/a/empty.png", "target/a/truncated.png", "target/b/notes.png", "target/c/copy.png",
                             "target/a/a_0001.png", "target/b/stolen.png"}
-    assert reasons["target/a/empty.png"].startswith("undecodable: ")
-    assert "truncated" in reasons["target/a/truncated.png"]
-    assert reasons["target/b/notes.png"].startswith("undecodable: ")
+    assert reasons["target/a/empty.png"] == "zero-byte file"
+    assert reasons["target/a/truncated.png"].startswith("truncated image: ")
+    assert reasons["target/b/notes.png"] == "not an image: Pillow cannot identify the file's format"
     assert reasons["target/c/copy.png"] == "duplicate of target/c/c_0000.png"
     conflict = "label conflict: same image under labels a, b"
     assert reasons["target/a/a_0001.png"] == reasons["target/b/stolen.png"] == conflict
@@ -137,6 +137,9 @@ def test_existing_images_keep_their_split_when_images_are_added(tmp_path: Path) 
     after = _split_of(params, "target")
 
     assert len(after) == len(before) + 30
+    counts = json.loads(params.paths.quarantine.read_text())["counts"]["target"]
+    assert counts["leaked_across_splits"] == 0
+    assert abs(counts["split_shares"]["test"] - params.clean.test_fraction) < 0.15  # 70 images: hash noise
     assert {name: after[name] for name in before} == before
     assert {split for split in after.values()} == set(SPLITS)
 

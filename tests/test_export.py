@@ -26,7 +26,7 @@ CLASSES = ["5", "6", "7"]
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Params, export.ExportResult]:
     """One real export, shared by the tests below (conversion is the slow part)."""
-    params = shrunk_params(tmp_path_factory.mktemp("export"))
+    params = shrunk_params(tmp_path_factory.mktemp("export"), {"export.variants": []})  # tests/test_variants.py
     size = params.data.image_size
     write_class_folders(params.paths.clean / "target" / "test", CLASSES, per_class=4, size=(size, size))
     (params.paths.clean / "target" / "classes.json").write_text(json.dumps(CLASSES))
@@ -75,6 +75,8 @@ def test_export_writes_a_checked_onnx_model_with_its_contract(exported: tuple[Pa
     assert report["outputs"] == [{"name": "head", "shape": [None, len(CLASSES)], "type": "tensor(float)"}]
     assert report["size_bytes"] == path.stat().st_size == result.size_bytes
     assert len(report["onnx_sha256"]) == 64
+    assert report["latency_ms_batch1"] > 0
+    assert report["variants"] == {} and not any(params.paths.onnx_variants.iterdir())
     assert str(params.paths.onnx_model) in str(result)
 
 
@@ -154,3 +156,75 @@ def test_summary_names_the_stages_that_have_not_run(params: Params) -> None:
     assert "the export stage has not run yet" in text
     assert "tlpipe predict" not in text  # no model to try yet
     assert "dvc plots show" in text
+
+
+def _parse_pbtxt(text: str) -> dict[str, list[object]]:
+    """A small protobuf text-format reader (what Triton parses): every field maps to a list of values."""
+    import re
+
+    tokens = re.findall(r'"[^"]*"|[{}\[\]:,]|[^\s{}\[\]:,"]+', text)
+    position = 0
+
+    def value() -> object:
+        nonlocal position
+        token = tokens[position]
+        position += 1
+        if token == "{":
+            return message("}")
+        if token == "[":
+            items = []
+            while tokens[position] != "]":
+                items.append(value())
+                if tokens[position] == ",":
+                    position += 1
+            position += 1
+            return items
+        if token.startswith('"'):
+            return token[1:-1]
+        return int(token) if re.fullmatch(r"-?\d+", token) else token
+
+    def message(end: str | None) -> dict[str, list[object]]:
+        nonlocal position
+        fields: dict[str, list[object]] = {}
+        while position < len(tokens) and tokens[position] != end:
+            name = tokens[position]
+            position += 1
+            if tokens[position] == ":":
+                position += 1
+            parsed = value()
+            fields.setdefault(name, []).extend(parsed if isinstance(parsed, list) and name != "dims" else [parsed])
+        position += 1
+        return fields
+
+    return message(None)
+
+
+def test_bundle_holds_the_model_labels_card_and_a_triton_repository(exported: tuple[Params, export.ExportResult]) -> None:
+    params, _ = exported
+    bundle = params.paths.bundle
+    model_bytes = params.paths.onnx_model.read_bytes()
+    assert (bundle / "model.onnx").read_bytes() == model_bytes
+    assert (bundle / "labels.txt").read_text().splitlines() == CLASSES
+    card = (bundle / "MODEL_CARD.md").read_text()
+    import hashlib
+
+    assert hashlib.sha256(model_bytes).hexdigest() in card and "`5`, `6`, `7`" in card and "accuracy" in card
+
+    repository = bundle / "triton" / "tlpipe_classifier"
+    assert (repository / "1" / "model.onnx").read_bytes() == model_bytes
+    assert (repository / "labels.txt").read_text().splitlines() == CLASSES
+    config = _parse_pbtxt((repository / "config.pbtxt").read_text())
+    graph = onnx.load(params.paths.onnx_model).graph
+    types = {onnx.TensorProto.UINT8: "TYPE_UINT8", onnx.TensorProto.FLOAT: "TYPE_FP32"}
+    assert config["name"] == ["tlpipe_classifier"] and config["platform"] == ["onnxruntime_onnx"]
+    assert config["max_batch_size"][0] > 0  # the graph's batch dim is dynamic, so Triton may batch
+    for section, values in (("input", graph.input), ("output", graph.output)):
+        assert len(config[section]) == len(values)
+        for entry, value in zip(config[section], values):
+            dims = [d.dim_value if d.HasField("dim_value") else -1 for d in value.type.tensor_type.shape.dim]
+            assert entry["name"] == [value.name]
+            assert entry["data_type"] == [types[value.type.tensor_type.elem_type]]
+            assert entry["dims"] == [dims[1:]]  # Triton's dims leave out the batch dim
+    assert config["input"][0]["dims"] == [[-1, -1, 1]] and config["output"][0]["dims"] == [[len(CLASSES)]]
+    assert config["output"][0]["label_filename"] == ["labels.txt"]
+    assert "dynamic_batching" in config

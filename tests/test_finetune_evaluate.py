@@ -63,3 +63,21 @@ def test_unfreeze_top_n_leaves_lower_layers_frozen(transferred: Params) -> None:
     backbone = model.get_layer("backbone")
     assert backbone.get_layer("block3_conv2").trainable and not backbone.get_layer("block1_conv1").trainable
     assert len(model.trainable_weights) == 2 + 1 + 2  # conv kernel, BN gamma and beta, head kernel and bias
+
+
+def test_compare_scratch_reports_the_transfer_gain_and_its_gate_fails_on_too_little(transferred: Params) -> None:
+    # A gain of 1.0 (transfer right, scratch always wrong) cannot be met: the gate must fail, with the reason.
+    params = with_overrides(transferred, {"evaluate.compare_scratch": True, "evaluate.min_transfer_gain": 1.0})
+    finetune.run(params)
+    with pytest.raises(PipelineError, match=r"min_transfer_gain: -?\d\.\d+ < 1\.0"):
+        evaluate.run(params)
+    gain = json.loads(params.paths.transfer_gain.read_text())
+    metrics = json.loads(params.paths.metrics.read_text())
+    assert gain["compared"] is True and gain["transfer_accuracy"] == metrics["accuracy"]
+    assert gain["accuracy_gain"] == pytest.approx(gain["transfer_accuracy"] - gain["scratch_accuracy"], abs=1e-5)
+    assert gain["scratch"]["epochs"] >= 1 and gain["transfer"]["epochs"] == 2  # shrunk: 1 head + 1 unfrozen
+    for side, other in (("transfer", "scratch_best"), ("scratch", "transfer_best")):
+        reached = gain[side][f"to_reach_{other}"]
+        assert reached["epochs"] is None or 1 <= reached["epochs"] <= gain[side]["epochs"]
+    gate = next(g for g in json.loads(params.paths.gates.read_text())["gates"] if g["name"] == "min_transfer_gain")
+    assert gate["passed"] is False and gate["threshold"] == 1.0

@@ -97,3 +97,37 @@ def test_folder_without_class_subfolders_is_refused(tmp_path: Path) -> None:
     params = shrunk_params(tmp_path, {"data.target_dir": str(flat)})
     with pytest.raises(PipelineError, match="has no class subfolders"):
         ingest.run(params)
+
+
+def test_a_csv_manifest_labels_files_and_its_bad_rows_are_recorded(tmp_path: Path) -> None:
+    root = write_class_folders(tmp_path / "photos", ["all"], per_class=6)  # one folder; labels come from the CSV
+    (tmp_path / "outside.png").write_bytes((root / "all" / "all_0000.png").read_bytes())
+    rows = ["path,label,split", "all/all_0000.png,cat,", "all/all_0001.png,cat,", "all/all_0002.png,dog,",
+            "all/all_0003.png,dog,", "all/all_0000.png,dog,",  # the same image under two labels: clean decides
+            "all/gone.png,dog,", "../outside.png,cat,", "all/all_0001.png,cat,"]
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    params = shrunk_params(tmp_path, {"data.target_dir": str(root / "labels.csv"),
+                                      "data.embedded_source_classes": [0, 1]})
+
+    result = ingest.run(params)
+    target = params.paths.raw / "target"
+    copied = sorted(p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file())
+    assert copied == ["cat/all/all_0000.png", "cat/all/all_0001.png", "dog/all/all_0000.png",
+                      "dog/all/all_0002.png", "dog/all/all_0003.png"]
+    assert result.images["target"] == 5 and result.classes["target"] == 2
+    assert ingest.rejected_files(params.paths.raw)["target"] == [
+        {"path": "dog/all/gone.png", "label": "dog", "reason": "unreadable: listed in the CSV manifest but not found"},
+        {"path": "cat/outside.png", "label": "cat",
+         "reason": "manifest path escapes the data root (the folder of labels.csv)"},
+        {"path": "cat/all/all_0001.png", "label": "cat", "reason": "listed twice in the CSV manifest under the same label"},
+    ]
+    assert not ingest.run(params).rewritten
+    (root / "labels.csv").write_text("\n".join(rows[:-1]) + "\n")
+    assert ingest.run(params).rewritten  # the manifest is an input like the files
+
+
+def test_a_csv_manifest_without_its_columns_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "labels.csv").write_text("file,class\na.png,cat\n")
+    params = shrunk_params(tmp_path, {"data.target_dir": str(tmp_path / "labels.csv")})
+    with pytest.raises(PipelineError, match=r"needs a header with columns path,label"):
+        ingest.run(params)

@@ -29,7 +29,7 @@ def onnx_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from components import export
     from components.models import build_model, save_model_dir
 
-    params = shrunk_params(tmp_path_factory.mktemp("predict"))
+    params = shrunk_params(tmp_path_factory.mktemp("predict"), {"export.variants": []})
     size = params.data.image_size
     write_class_folders(params.paths.clean / "target" / "test", CLASSES, per_class=2, size=(size, size))
     (params.paths.clean / "target" / "classes.json").write_text(json.dumps(CLASSES))

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
+import keras
+import numpy as np
 import pytest
 
-from components import source
+from components import download, source
 from components.config import Params, with_overrides
 from components.download import sha256_of
 from components.errors import PipelineError
@@ -85,3 +89,88 @@ def test_download_of_a_missing_file_says_so(params: Params, file_server) -> None
 def test_download_needs_a_pinned_digest(params: Params) -> None:
     with pytest.raises(PipelineError, match="sha256"):
         with_overrides(params, {"source.mode": "download", "source.weights": "http://127.0.0.1/x.keras"})
+
+
+# ImageNet weights: Keras's file names under a mirror, fetched and cached by our own download code.
+VGG16_FILE = "vgg16/vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
+
+
+def _imagenet_like(folder: Path) -> Path:
+    """A VGG16 weights file in Keras's own (legacy .h5) format, random: real ImageNet weights are not offline."""
+    path = folder / VGG16_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    keras.applications.VGG16(include_top=False, weights=None, pooling="avg", input_shape=(32, 32, 3)).save(path)
+    return path
+
+
+def test_imagenet_weights_come_from_the_mirror_and_match_keras_preprocessing(params: Params, file_server) -> None:
+    folder, base_url = file_server
+    served = _imagenet_like(folder)
+    cache = params.paths.raw.parent / "cache"
+    params = with_overrides(params, {
+        "model.backbone": "vgg16", "data.image_size": 32, "data.color_mode": "rgb",
+        "source.mode": "download", "source.weights": "imagenet", "source.mirror": f"{base_url}/",
+        "source.sha256": sha256_of(served), "source.cache_dir": str(cache),
+    })
+    source.run(params)
+
+    assert [p.name for p in (cache / "imagenet").iterdir()] == [served.name]
+    model, _ = load_model_dir(params.paths.source_model)
+    pixels = np.random.default_rng(0).integers(0, 256, size=(2, 40, 40, 3), dtype=np.uint8)
+    # Keras's own route: the weights file plus caffe preprocess_input (BGR, mean subtracted) on 32x32 images.
+    reference = keras.applications.VGG16(include_top=False, weights=str(served), pooling="avg", input_shape=(32, 32, 3))
+    resized = keras.ops.convert_to_numpy(keras.layers.Resizing(32, 32)(pixels.astype("float32")))
+    expected = reference.predict(keras.applications.vgg16.preprocess_input(resized), verbose=0)
+    np.testing.assert_allclose(model.predict(pixels, verbose=0), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_a_pre_seeded_imagenet_cache_needs_no_server(params: Params, tmp_path: Path) -> None:
+    cache = tmp_path / "seeded"
+    seeded = _imagenet_like(tmp_path / "keras")
+    (cache / "imagenet").mkdir(parents=True)
+    shutil.copy(seeded, cache / "imagenet" / seeded.name)
+    params = with_overrides(params, {
+        "model.backbone": "vgg16", "data.image_size": 32, "data.color_mode": "rgb",
+        "source.mode": "download", "source.weights": "imagenet", "source.mirror": "http://127.0.0.1:9/",
+        "source.sha256": sha256_of(seeded), "source.cache_dir": str(cache),
+    })
+    source.run(params)  # port 9 has no server: only the cache can answer
+    assert json.loads(params.paths.source_report.read_text())["file"] == str(cache / "imagenet" / seeded.name)
+
+
+def test_imagenet_weights_are_checked_against_keras_md5_when_no_sha256_is_pinned(params: Params, file_server) -> None:
+    folder, base_url = file_server
+    (folder / VGG16_FILE).parent.mkdir(parents=True)
+    (folder / VGG16_FILE).write_bytes(b"not the weights Keras published")
+    cache = params.paths.raw.parent / "cache"
+    params = with_overrides(params, {
+        "model.backbone": "vgg16", "data.image_size": 32, "source.mode": "download", "source.weights": "imagenet",
+        "source.mirror": base_url, "source.cache_dir": str(cache),
+    })
+    with pytest.raises(PipelineError, match="md5 mismatch .* expected 6d6bbae143d832006294945121d1f1fc"):
+        source.run(params)
+    assert not (cache / "imagenet").exists() or not any((cache / "imagenet").iterdir())
+
+
+def test_offline_imagenet_download_says_where_to_place_the_file(params: Params, monkeypatch) -> None:
+    monkeypatch.setattr(download, "RETRY_DELAYS", (0.0,))  # the real delays add 13 s of waiting
+    params = with_overrides(params, {
+        "model.backbone": "resnet50", "data.image_size": 32, "source.mode": "download", "source.weights": "imagenet",
+        "source.mirror": "http://127.0.0.1:9/", "source.cache_dir": str(params.paths.raw.parent / "cache"),
+    })
+    with pytest.raises(PipelineError, match="after 2 tries .* place the file at .*resnet50_weights_tf_dim_ordering"):
+        source.run(params)
+
+
+def test_a_keras_file_with_a_lambda_layer_is_refused(params: Params, file_server) -> None:
+    folder, base_url = file_server
+    inputs = keras.Input((4,))
+    unsafe = keras.Model(inputs, keras.layers.Lambda(lambda x: x * 2)(inputs))
+    unsafe.save(folder / "unsafe.keras")
+    params = with_overrides(params, {
+        "source.mode": "download", "source.weights": f"{base_url}/unsafe.keras",
+        "source.sha256": sha256_of(folder / "unsafe.keras"), "source.cache_dir": str(params.paths.raw.parent / "c"),
+    })
+    with pytest.raises(PipelineError, match="Lambda layer .* safe loading refuses"):
+        source.run(params)
+    assert not params.paths.source_model.exists()

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import keras
 import numpy as np
 import pytest
 
 from components import source, transfer
 from components.config import Params, with_overrides
-from components.models import load_model_dir, weighted_layers
+from components.errors import PipelineError
+from components.models import build_model, load_model_dir, save_model_dir, weighted_layers
 from tests.conftest import shrunk_params, write_clean_dataset
 
 SPLITS = {"train": 16, "val": 4, "test": 4}
@@ -66,8 +68,8 @@ def test_partial_transfer_by_pattern_reinitializes_the_rest(trained: Params) -> 
     assert model.get_layer("backbone").trainable
 
 
-def test_grayscale_source_into_rgb_target_skips_the_first_conv_with_its_reason(trained: Params) -> None:
-    params = with_overrides(trained, {"data.color_mode": "rgb"})
+def test_without_channel_adaptation_a_gray_source_skips_the_first_conv_with_its_reason(trained: Params) -> None:
+    params = with_overrides(trained, {"data.color_mode": "rgb", "transfer.adapt_channels": False})
     transfer.run(params)
 
     report = json.loads(params.paths.transfer_report.read_text())
@@ -75,3 +77,106 @@ def test_grayscale_source_into_rgb_target_skips_the_first_conv_with_its_reason(t
     assert list(skipped) == ["backbone.block1_conv1"]
     assert skipped["backbone.block1_conv1"].startswith("shape mismatch: source [(3, 3, 1, 8)] vs target [(3, 3, 3, 8)]")
     assert "backbone.block1_conv2" in {item["layer"] for item in report["transferred"]}
+
+
+def _backbone_features(directory_or_model, images: np.ndarray) -> np.ndarray:
+    model = load_model_dir(directory_or_model)[0] if isinstance(directory_or_model, Path) else directory_or_model
+    return np.asarray(model.get_layer("backbone").predict(images, verbose=0))
+
+
+GRAY = np.random.default_rng(5).random((4, 16, 16, 1)).astype("float32")
+
+
+def test_gray_source_into_rgb_target_gives_the_same_response_to_a_gray_image(trained: Params) -> None:
+    params = with_overrides(trained, {"data.color_mode": "rgb"})
+    result = transfer.run(params)
+
+    report = json.loads(params.paths.transfer_report.read_text())
+    first = report["layers"][0]
+    assert (first["layer"], first["status"]) == ("backbone.block1_conv1", "adapted") and not report["skipped"]
+    assert result.transferred == len(report["transferred"]) == len(report["layers"]) - 1  # all but the head
+    gray_response = _backbone_features(trained.paths.source_model, GRAY)
+    rgb_response = _backbone_features(params.paths.transferred_model, np.repeat(GRAY, 3, axis=-1))
+    np.testing.assert_allclose(rgb_response, gray_response, rtol=1e-4, atol=1e-5)
+
+
+def test_rgb_source_into_gray_target_sums_the_first_kernels(trained: Params) -> None:
+    rgb = with_overrides(trained, {"data.color_mode": "rgb"})
+    keras.utils.set_random_seed(1)
+    source_model = build_model(rgb.model, rgb.data, 4, bn_inference=False)
+    target_model = build_model(trained.model, trained.data, 3, bn_inference=True)
+    report = transfer.transfer_weights(source_model, target_model, ("backbone.*",))
+
+    assert report["layers"][0]["status"] == "adapted" and not report["skipped"]
+    np.testing.assert_allclose(_backbone_features(target_model, GRAY),
+                               _backbone_features(source_model, np.repeat(GRAY, 3, axis=-1)), rtol=1e-4, atol=1e-5)
+
+
+def test_transfer_by_position_pairs_layers_whose_names_differ(trained: Params, tmp_path: Path) -> None:
+    source_model, classes = load_model_dir(trained.paths.source_model)
+    renamed = keras.models.clone_model(
+        source_model, recursive=True,
+        clone_function=lambda layer: layer.__class__.from_config({**layer.get_config(), "name": f"src_{layer.name}"}))
+    renamed.set_weights(source_model.get_weights())
+    save_model_dir(renamed, classes, tmp_path / "renamed")
+    by_name = with_overrides(trained, {"paths.source_model": str(tmp_path / "renamed")})
+    assert transfer.run(by_name).transferred == 0  # no path matches
+
+    by_position = with_overrides(by_name, {"transfer.match": "position"})
+    transfer.run(by_position)
+    report = json.loads(by_position.paths.transfer_report.read_text())
+    pairs = {item["layer"]: item["source"] for item in report["transferred"]}
+    assert pairs["backbone.block1_conv1"] == "backbone.src_block1_conv1"
+    assert len(pairs) == 12 and not report["skipped"]
+    assert [item["layer"] for item in report["reinitialized"]] == ["head"]
+    source_weights, target_weights = _weights(trained.paths.source_model), _weights(by_position.paths.transferred_model)
+    assert _same(source_weights["backbone.block3_conv2"], target_weights["backbone.block3_conv2"])
+
+
+def test_a_different_input_resolution_transfers_every_backbone_layer(trained: Params) -> None:
+    params = with_overrides(trained, {"data.image_size": 24})
+    result = transfer.run(params)
+
+    assert result.skipped == 0 and result.transferred == 12
+    model, _ = load_model_dir(params.paths.transferred_model)
+    assert tuple(model.get_layer("backbone").inputs[0].shape) == (None, 24, 24, 1)
+    assert model.predict(np.zeros((1, 24, 24, 1), dtype=np.uint8), verbose=0).shape == (1, 3)
+
+
+def test_freeze_until_a_named_block_and_the_readable_table(trained: Params) -> None:
+    params = with_overrides(trained, {"transfer.freeze": "until:block2", "transfer.layers": ["backbone.block[12]_*"]})
+    result = transfer.run(params)
+
+    report = json.loads(params.paths.transfer_report.read_text())
+    assert report["frozen"] == [f"backbone.block{b}_{kind}{n}" for b in (1, 2) for n in (1, 2) for kind in ("conv", "bn")]
+    assert result.frozen == 8
+    model, _ = load_model_dir(params.paths.transferred_model)
+    backbone = model.get_layer("backbone")
+    assert not backbone.get_layer("block2_bn2").trainable and backbone.get_layer("block3_conv1").trainable
+    table = params.paths.transfer_table.read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| ") and line[2] not in "#-"]
+    assert len(rows) == len(report["layers"]) == 13  # every weighted layer, head included
+    assert "| `backbone.block1_conv1` | transferred | backbone.block1_conv1 | yes |" in table
+    assert "| `backbone.block3_conv1` | reinitialized |  | no | not selected by transfer.layers |" in table
+
+
+@pytest.mark.parametrize(("policy", "frozen"), [("all", 12), ("none", 0), ("top:3", 9), ("top:99", 0)])
+def test_freeze_policies(trained: Params, policy: str, frozen: int) -> None:
+    model = build_model(trained.model, trained.data, 3, bn_inference=True)
+    names = transfer.apply_freeze(model, policy)
+
+    weighted = [layer for _, layer in weighted_layers(model.get_layer("backbone"))]
+    assert len(names) == frozen == sum(not layer.trainable for layer in weighted)
+    assert all(not layer.trainable for layer in weighted[:frozen]) and model.get_layer("head").trainable
+    assert model.get_layer("backbone").trainable == (frozen < len(weighted))
+
+
+def test_freeze_until_an_unknown_block_names_the_layers_there_are(trained: Params) -> None:
+    model = build_model(trained.model, trained.data, 3, bn_inference=True)
+    with pytest.raises(PipelineError, match="no backbone layer is named block9.*block1_conv1"):
+        transfer.apply_freeze(model, "until:block9")
+
+
+def test_freeze_syntax_is_checked_with_the_params(trained: Params) -> None:
+    with pytest.raises(PipelineError, match="transfer.freeze"):
+        with_overrides(trained, {"transfer.freeze": "backbone-ish"})

@@ -1,0 +1,160 @@
+"""The deployment bundle: one folder a user copies to a server, written by the export stage.
+
+    <bundle>/model.onnx, labels.txt, MODEL_CARD.md      for `tlpipe serve` or any onnxruntime
+    <bundle>/triton/<name>/config.pbtxt, labels.txt     a Triton Inference Server model repository
+    <bundle>/triton/<name>/1/model.onnx                 (`tritonserver --model-repository <bundle>/triton`)
+
+config.pbtxt is generated from the ONNX graph's own signature (names, element types, dims), so it
+cannot drift from the model it describes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from components.artifacts import atomic_dir
+from components.errors import PipelineError
+
+TRITON_NAME = "tlpipe_classifier"
+TRITON_MAX_BATCH = 64
+
+# ONNX element type -> Triton data_type (model_config.proto); the types an image classifier uses.
+_TRITON_TYPES = {
+    onnx.TensorProto.UINT8: "TYPE_UINT8",
+    onnx.TensorProto.INT8: "TYPE_INT8",
+    onnx.TensorProto.INT32: "TYPE_INT32",
+    onnx.TensorProto.INT64: "TYPE_INT64",
+    onnx.TensorProto.FLOAT16: "TYPE_FP16",
+    onnx.TensorProto.FLOAT: "TYPE_FP32",
+    onnx.TensorProto.DOUBLE: "TYPE_FP64",
+}
+
+
+def _signature(value: onnx.ValueInfoProto) -> tuple[str, int, list[int]]:
+    """(name, element type, dims with -1 for every dynamic dim)."""
+    tensor = value.type.tensor_type
+    dims = [d.dim_value if d.HasField("dim_value") else -1 for d in tensor.shape.dim]
+    return value.name, tensor.elem_type, dims
+
+
+def _tensor_block(value: onnx.ValueInfoProto, batched: bool, extra: str = "") -> str:
+    name, elem, dims = _signature(value)
+    if elem not in _TRITON_TYPES:
+        raise PipelineError(f"tensor {name!r} has ONNX element type {elem}, which the Triton config does not map")
+    shown = dims[1:] if batched else dims  # with max_batch_size > 0, Triton's dims leave out the batch dim
+    return (
+        "  {\n"
+        f'    name: "{name}"\n'
+        f"    data_type: {_TRITON_TYPES[elem]}\n"
+        f"    dims: [ {', '.join(map(str, shown))} ]\n"
+        f"{extra}"
+        "  }"
+    )
+
+
+def triton_config(model: onnx.ModelProto, name: str, max_batch_size: int) -> str:
+    """config.pbtxt for Triton's onnxruntime backend, from the graph's inputs and outputs."""
+    initializers = {init.name for init in model.graph.initializer}
+    inputs = [value for value in model.graph.input if value.name not in initializers]
+    # Triton batches only along a leading dynamic dim shared by every tensor; else it sends whole tensors.
+    batched = max_batch_size > 0 and all(_signature(v)[2][:1] == [-1] for v in [*inputs, *model.graph.output])
+    labels = '    label_filename: "labels.txt"\n' if len(model.graph.output) == 1 else ""
+    blocks_in = ",\n".join(_tensor_block(v, batched) for v in inputs)
+    blocks_out = ",\n".join(_tensor_block(v, batched, labels) for v in model.graph.output)
+    return (
+        f'name: "{name}"\n'
+        'platform: "onnxruntime_onnx"\n'
+        f"max_batch_size: {max_batch_size if batched else 0}\n"
+        f"input [\n{blocks_in}\n]\n"
+        f"output [\n{blocks_out}\n]\n"
+        + ("dynamic_batching { }\n" if batched else "")
+        + 'instance_group [ { kind: KIND_CPU } ]\n'
+    )
+
+
+def _model_card(
+    meta: dict[str, str], sha256: str, size: int, export_report: dict[str, Any], gates: dict[str, Any]
+) -> str:
+    labels = json.loads(meta["labels"])
+    spec = json.loads(meta["input_spec"])
+    gate_lines = [
+        f"| {g.get('name')} | {g.get('value')} | {g.get('threshold')} | {'pass' if g.get('passed') else 'FAIL'} |"
+        for g in gates.get("gates", [])
+    ] or ["| (none recorded) | | | |"]
+    variants = export_report.get("variants", {})
+    variant_lines = [
+        f"- `{name}`: {'accepted' if v.get('accepted') else 'refused'} ({v.get('reason', '')})"
+        for name, v in variants.items()
+    ] or ["- none built (export.variants in params.yaml)"]
+    side = spec["image_size"]
+    # No timestamp: an unchanged model must give a byte-identical bundle (DVC then stores nothing new).
+    return f"""# Model card: tlpipe image classifier
+
+Written by the tlpipe export stage (tlpipe {meta.get('tlpipe_version', 'unknown')}).
+
+## Model
+
+- File: `model.onnx`, {size} bytes, sha256 `{sha256}`
+- Classes ({len(labels)}), in output order: {', '.join(f'`{label}`' for label in labels)} (also `labels.txt`)
+- Input `{spec['name']}`: {spec['dtype']} {spec['layout']}, {spec['channels']} channel(s) ({spec['color_mode']}),
+  any batch and any height/width; the model scales and resizes to {side}x{side} inside.
+- Output: softmax probabilities, one per class.
+- ONNX opset {export_report.get('opset', '?')}; onnxruntime agrees with the Keras model to
+  {export_report.get('max_abs_diff', float('nan')):.1e} (max |difference|) on held-out images.
+
+## Preprocessing
+
+{meta.get('preprocessing', '')}
+
+## Evaluation gates (held-out target test split)
+
+| gate | value | threshold | result |
+| --- | --- | --- | --- |
+{chr(10).join(gate_lines)}
+
+## Optimized variants
+
+{chr(10).join(variant_lines)}
+
+## Serving
+
+- HTTP: `tlpipe serve model.onnx --host 0.0.0.0 --port 8000`, then
+  `curl -F file=@image.png http://HOST:8000/predict` (see README, "Deploy").
+- Triton Inference Server: `tritonserver --model-repository triton` (model `{TRITON_NAME}`,
+  `config.pbtxt` generated from this graph's signature). Triton does no decoding or resizing:
+  send uint8 pixels resized to {side}x{side} as above for the same answers as training.
+
+## Limitations
+
+Trained on the image folders named in params.yaml only; it labels every input as one of the
+classes above, including images of none of them. Check the metrics before trusting it on a new
+kind of image.
+"""
+
+
+def write_bundle(
+    model_path: Path, out_dir: Path, export_report: dict[str, Any], gates: dict[str, Any], name: str = TRITON_NAME
+) -> Path:
+    """Write the bundle folder atomically (a killed run leaves the previous bundle whole)."""
+    data = Path(model_path).read_bytes()
+    model = onnx.load_from_string(data)
+    meta = {prop.key: prop.value for prop in model.metadata_props}
+    if "labels" not in meta or "input_spec" not in meta:
+        raise PipelineError(f"{model_path}: ONNX model without tlpipe metadata; export it with `tlpipe stage export`")
+    labels_txt = "".join(f"{label}\n" for label in json.loads(meta["labels"]))
+    sha256 = hashlib.sha256(data).hexdigest()
+    with atomic_dir(out_dir) as folder:
+        (folder / "model.onnx").write_bytes(data)
+        (folder / "labels.txt").write_text(labels_txt)
+        (folder / "MODEL_CARD.md").write_text(_model_card(meta, sha256, len(data), export_report, gates))
+        triton = folder / "triton" / name
+        (triton / "1").mkdir(parents=True)
+        (triton / "1" / "model.onnx").write_bytes(data)
+        (triton / "labels.txt").write_text(labels_txt)
+        (triton / "config.pbtxt").write_text(triton_config(model, name, TRITON_MAX_BATCH))
+    return Path(out_dir)

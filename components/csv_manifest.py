@@ -1,0 +1,44 @@
+"""A CSV manifest (path,label[,split]) as an alternative to class subfolders: read and checked, never trusted blindly."""
+
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+
+from components.errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+
+def is_csv_manifest(value: str) -> bool:
+    return Path(value).suffix.lower() == ".csv"
+
+
+def read_csv_manifest(path: Path) -> list[tuple[str, str]]:
+    """(path as written, label) per row; paths are relative to the CSV's folder, the data root.
+
+    Whether each path exists or stays inside the data root is ingest's question, answered per
+    file with a quarantine reason, so one bad row never hides the rest.
+    """
+    if not path.is_file():
+        raise PipelineError(f"CSV manifest {path} does not exist; fix the path in params.yaml")
+    with open(path, newline="", encoding="utf-8-sig") as handle:  # -sig: Excel's byte-order mark
+        reader = csv.DictReader(handle)
+        columns = [c.strip().lower() for c in reader.fieldnames or []]
+        if not {"path", "label"} <= set(columns):
+            raise PipelineError(f"CSV manifest {path} needs a header with columns path,label (and optionally split); "
+                                f"it has {columns}")
+        rows = [{k.strip().lower(): (v or "").strip() for k, v in row.items() if k} for row in reader]
+    if "split" in columns:
+        log.warning("%s: the split column is not used; splits are drawn from content hashes (stable under growth)",
+                    path)
+    bad = [i + 2 for i, row in enumerate(rows) if not row.get("path") or not row.get("label")]
+    if bad:
+        raise PipelineError(f"CSV manifest {path}: line(s) {bad[:5]} lack a path or a label; fill them in or remove "
+                            "them")
+    labels = {row["label"] for row in rows}
+    odd = sorted(label for label in labels if label in (".", "..") or "/" in label or "\\" in label)
+    if odd:
+        raise PipelineError(f"CSV manifest {path}: labels {odd} cannot name a class folder; rename them")
+    return [(row["path"], row["label"]) for row in rows]

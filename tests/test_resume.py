@@ -1,0 +1,128 @@
+"""Resume: a fine-tune run killed with SIGKILL continues from its last completed epoch when rerun."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from components.config import Params
+from components.models import BACKBONE_NAME, build_model, load_model_dir, save_model_dir
+from tests.conftest import REPO, shrunk_params, write_clean_dataset, write_shrunk_params_yaml
+
+
+def finetune_workspace(root: Path, extra: dict[str, object] | None = None) -> tuple[Params, Path]:
+    """A cleaned target task and a transferred model (frozen backbone) under `root`, and its params.yaml.
+
+    The model is built, not trained on a source task: fine-tuning does not care where its
+    starting weights came from, and this keeps the subprocess tests short.
+    """
+    import keras
+
+    params = shrunk_params(root, extra)
+    splits = {"train": 24, "val": 8, "test": 8}
+    write_clean_dataset(params.paths.clean, "target", ["x", "y", "z"], splits, params.data.image_size, seed=7)
+    keras.utils.set_random_seed(params.seed)
+    model = build_model(params.model, params.data, 3, bn_inference=True)
+    model.get_layer(BACKBONE_NAME).trainable = False
+    save_model_dir(model, ("x", "y", "z"), params.paths.transferred_model)
+    return params, write_shrunk_params_yaml(root / "params.yaml", extra)
+
+
+def start_stage(name: str, params_yaml: Path, env: dict[str, str] | None = None, **kwargs: object) -> subprocess.Popen:
+    environ = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}
+    return subprocess.Popen([sys.executable, "-m", "components", "stage", name, "--params", str(params_yaml)],
+                            cwd=REPO, env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            **kwargs)
+
+
+def run_stage(name: str, params_yaml: Path, env: dict[str, str] | None = None, timeout: float = 300) -> str:
+    process = start_stage(name, params_yaml, env)
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    finally:
+        if process.poll() is None:  # timed out: never leave it running
+            process.kill()
+            process.communicate()
+    assert process.returncode == 0, output
+    return output
+
+
+HEAD_EPOCHS = 8
+# Measured here: on JAX, the augmentation layers make every epoch compile again (about 20 s each on
+# 2 busy cores; TensorFlow does not); the subprocess tests leave them out to stay short.
+NO_AUGMENT = {"finetune.augment_rotation": 0.0, "finetune.augment_zoom": 0.0, "finetune.augment_contrast": 0.0}
+
+
+@pytest.mark.slow  # two stage subprocesses: over the default suite's time budget on 2 cores
+def test_a_killed_finetune_resumes_from_its_last_epoch_and_finishes(tmp_path: Path) -> None:
+    # Patience as long as the phase: no early stop, so the epoch count proves nothing was redone or lost.
+    extra = {"finetune.head_epochs": HEAD_EPOCHS, "finetune.patience": HEAD_EPOCHS, "finetune.epochs": 2,
+             "finetune.batch_size": 8, **NO_AUGMENT}
+    params, params_yaml = finetune_workspace(tmp_path, extra)
+    state_file = params.paths.finetune_checkpoint / "state.json"
+    # The JAX backend only because it starts faster than TensorFlow; the checkpoint is backend-neutral.
+    process = start_stage("finetune", params_yaml, {"KERAS_BACKEND": "jax"})
+    killed_after = 0
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            killed_after = json.loads(state_file.read_text()).get("epoch", 0)
+        except (FileNotFoundError, json.JSONDecodeError):  # not written yet, or replaced under us
+            killed_after = 0
+        if killed_after >= 2:
+            process.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    if process.poll() is None:  # the deadline passed: stop it, then fail below
+        process.kill()
+    process.communicate(timeout=30)
+    assert killed_after >= 2, "no checkpoint of epoch 2 within the deadline"
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed mid-training"
+    assert not params.paths.finetuned_model.exists(), "a killed run left a fine-tuned model behind"
+    state = json.loads(state_file.read_text())  # the checkpoint is whole, whenever the kill came
+    assert state["phase"] == "head" and state["epoch"] >= killed_after
+
+    output = run_stage("finetune", params_yaml, {"KERAS_BACKEND": "jax"})
+    assert f"head: resuming after epoch {state['epoch']} of {HEAD_EPOCHS}" in output
+    report = json.loads(params.paths.finetune_report.read_text())
+    head = report["phases"]["head"]
+    assert report["resumed"] is True and head["resumed_from_epoch"] == state["epoch"]
+    assert head["epochs_run"] == len(head["val_accuracy"]) == HEAD_EPOCHS
+    assert "unfrozen" in report["phases"]
+    curves = params.paths.training_curves / "finetune" / "plots" / "metrics" / "val_loss.tsv"
+    assert len(curves.read_text().splitlines()) >= 1 + HEAD_EPOCHS  # appended to, not restarted
+    model, classes = load_model_dir(params.paths.finetuned_model)
+    assert classes == ("x", "y", "z") and model.output_shape == (None, 3)
+    assert json.loads(state_file.read_text()) == {"fingerprint": state["fingerprint"], "finished": True}
+
+
+def test_a_rerun_with_the_same_seed_is_fresh_not_resumed_and_gives_the_same_numbers(tmp_path: Path) -> None:
+    from components import finetune
+
+    params, _ = finetune_workspace(tmp_path)
+    finetune.run(params)
+    first = json.loads(params.paths.finetune_report.read_text())
+    finetune.run(params)  # the checkpoint says finished: a fresh run, not a resume
+    second = json.loads(params.paths.finetune_report.read_text())
+    assert first["resumed"] is False and second["resumed"] is False
+    # Determinism on CPU: same seed and data, same numbers (README: tolerance 1e-6).
+    assert second["val_loss"] == pytest.approx(first["val_loss"], abs=1e-6)
+    for name in ("head", "unfrozen"):
+        assert second["phases"][name]["val_accuracy"] == first["phases"][name]["val_accuracy"]
+
+
+def test_a_checkpoint_written_for_other_inputs_is_ignored(tmp_path: Path) -> None:
+    from components import finetune
+    from components.training import Checkpoint
+
+    params, _ = finetune_workspace(tmp_path)
+    Checkpoint(params.paths.finetune_checkpoint, "another run's fingerprint").save({"phase": "head", "epoch": 1}, {})
+    finetune.run(params)
+    assert json.loads(params.paths.finetune_report.read_text())["resumed"] is False

@@ -1,0 +1,96 @@
+"""Optimized export variants: graph-optimized (parity gate) and int8 static quantization (accuracy gate)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from components import export, quantize
+from components.artifacts import write_json
+from components.config import Params
+from components.dataset import load_split
+from tests.conftest import shrunk_params, write_clean_dataset
+
+CLASSES = ["a", "b", "c"]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Params, dict]:
+    """A tiny model trained until it is accurate (so an accuracy drop can show), exported with both variants."""
+    import keras
+
+    from components.models import build_model, save_model_dir
+
+    params = shrunk_params(tmp_path_factory.mktemp("variants"), {"export.variants": ["optimized", "int8"]})
+    size = params.data.image_size
+    write_clean_dataset(params.paths.clean, "target", CLASSES, {"train": 20, "val": 8, "test": 10}, size, seed=3)
+    write_json(params.paths.gates, {"passed": True, "gates": []})
+    keras.utils.set_random_seed(params.seed)
+    model = build_model(params.model, params.data, len(CLASSES), bn_inference=True)
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    train = load_split(params.paths.clean, "target", "train")
+    model.fit(train.x, train.y, epochs=15, batch_size=20, verbose=0)
+    save_model_dir(model, tuple(CLASSES), params.paths.finetuned_model)
+    export.run(params)
+    return params, json.loads(params.paths.export_report.read_text())
+
+
+def test_variants_within_their_bounds_are_written_and_reported(exported: tuple[Params, dict]) -> None:
+    params, report = exported
+    variants = report["variants"]
+    assert variants["int8"]["float_accuracy"] >= 0.9  # the model is good, so the gate means something
+
+    optimized = variants["optimized"]
+    assert optimized["accepted"] and optimized["max_abs_diff"] <= 1e-4
+    int8 = variants["int8"]
+    assert int8["accepted"], int8["reason"]
+    assert int8["accuracy_drop"] <= params.export.int8_max_accuracy_drop == 0.01
+    assert int8["calibration_images"] == 3 * 8  # the validation split, never the test images
+    assert sorted(p.name for p in params.paths.onnx_variants.iterdir()) == ["int8.onnx", "optimized.onnx"]
+
+    for name in ("optimized", "int8"):
+        path = params.paths.onnx_variants / f"{name}.onnx"
+        assert variants[name]["path"] == str(path)
+        assert variants[name]["size_bytes"] == path.stat().st_size
+        assert variants[name]["latency_ms_batch1"] > 0
+    assert report["latency_ms_batch1"] > 0
+
+    quantized = onnx.load(params.paths.onnx_variants / "int8.onnx")
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {node.op_type for node in quantized.graph.node}
+    # Weights stored in int8: the file is smaller than the float model.
+    assert int8["size_bytes"] < report["size_bytes"]
+
+    # The int8 model answers like the float one on the test images (it is the same task).
+    test = load_split(params.paths.clean, "target", "test")
+    session = ort.InferenceSession(str(params.paths.onnx_variants / "int8.onnx"), providers=["CPUExecutionProvider"])
+    accuracy = float(np.mean(session.run(None, {"input": test.x})[0].argmax(axis=1) == test.y))
+    assert accuracy == pytest.approx(int8["accuracy"])
+
+
+def test_int8_beyond_the_accuracy_bound_is_refused(exported: tuple[Params, dict]) -> None:
+    params, _ = exported
+    reference = params.paths.onnx_model.read_bytes()
+    test = load_split(params.paths.clean, "target", "test")
+    # Calibrated on blank images, the activation ranges miss what real images produce: int8 saturates.
+    blank = np.zeros((16, 16, 16, 1), dtype=np.uint8)
+    refused = quantize.int8(reference, blank, test, max_accuracy_drop=0.01)
+    assert not refused.accepted
+    assert refused.report["accuracy_drop"] > 0.01
+    assert "beyond export.int8_max_accuracy_drop 0.01" in refused.reason
+
+    # The same variant passes once the bound allows its drop: the gate, not the build, decided.
+    allowed = quantize.int8(reference, blank, test, max_accuracy_drop=refused.report["accuracy_drop"])
+    assert allowed.accepted
+
+
+def test_unknown_variant_is_an_error_naming_the_choices(exported: tuple[Params, dict]) -> None:
+    from components.errors import PipelineError
+
+    params, _ = exported
+    test = load_split(params.paths.clean, "target", "test")
+    with pytest.raises(PipelineError, match="unknown export.variants.*optimized"):
+        quantize.build(("fp8",), params.paths.onnx_model.read_bytes(), test.x, test, 1e-4, 0.01)
