@@ -65,6 +65,7 @@ def test_unfreeze_top_n_leaves_lower_layers_frozen(transferred: Params) -> None:
     assert len(model.trainable_weights) == 2 + 1 + 2  # conv kernel, BN gamma and beta, head kernel and bias
 
 
+@pytest.mark.slow  # ~40 s on 2 cores: keeps make test within its 10-minute budget
 def test_compare_scratch_reports_the_transfer_gain_and_its_gate_fails_on_too_little(transferred: Params) -> None:
     # A gain of 1.0 (transfer right, scratch always wrong) cannot be met: the gate must fail, with the reason.
     params = with_overrides(transferred, {"evaluate.compare_scratch": True, "evaluate.min_transfer_gain": 1.0})

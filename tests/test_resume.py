@@ -103,6 +103,7 @@ def test_a_killed_finetune_resumes_from_its_last_epoch_and_finishes(tmp_path: Pa
     assert json.loads(state_file.read_text()) == {"fingerprint": state["fingerprint"], "finished": True}
 
 
+@pytest.mark.slow  # ~40 s on 2 cores: keeps make test within its 10-minute budget
 def test_a_rerun_with_the_same_seed_is_fresh_not_resumed_and_gives_the_same_numbers(tmp_path: Path) -> None:
     from components import finetune
 
