@@ -129,3 +129,31 @@ def write_shrunk_params_yaml(dest: Path, extra: dict[str, object] | None = None)
         section[leaf] = value
     dest.write_text(yaml.safe_dump(raw, sort_keys=False))
     return dest
+
+
+def export_tiny_model(root: Path, classes: list[str]) -> Path:
+    """A real tiny model exported by the export stage (its metadata is what users get), head sharpened.
+
+    Untrained, the head gives about 1/N to every class whatever the image; a sharper head makes
+    different images get visibly different answers.
+    """
+    import json
+
+    import keras
+
+    from components import export
+    from components.artifacts import write_json
+    from components.models import build_model, save_model_dir
+
+    params = shrunk_params(root, {"export.variants": []})
+    size = params.data.image_size
+    write_class_folders(params.paths.clean / "target" / "test", classes, per_class=2, size=(size, size))
+    (params.paths.clean / "target" / "classes.json").write_text(json.dumps(classes))
+    write_json(params.paths.gates, {"passed": True, "gates": []})
+    keras.utils.set_random_seed(params.seed)
+    model = build_model(params.model, params.data, len(classes), bn_inference=True)
+    kernel, bias = model.get_layer("head").get_weights()
+    model.get_layer("head").set_weights([kernel * 100, bias])
+    save_model_dir(model, tuple(classes), params.paths.finetuned_model)
+    export.run(params)
+    return params.paths.onnx_model

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -12,37 +11,17 @@ import onnxruntime as ort
 import pytest
 from PIL import Image
 
-from components.artifacts import write_json
 from components.errors import PipelineError
 from components.images import load_normalized
 from components.predict import predict_files
-from tests.conftest import REPO, shrunk_params, write_class_folders
+from tests.conftest import REPO, export_tiny_model
 
 CLASSES = ["cat", "dog", "owl"]
 
 
 @pytest.fixture(scope="module")
 def onnx_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real tiny model, exported by the export stage (so its metadata is what users get)."""
-    import keras
-
-    from components import export
-    from components.models import build_model, save_model_dir
-
-    params = shrunk_params(tmp_path_factory.mktemp("predict"), {"export.variants": []})
-    size = params.data.image_size
-    write_class_folders(params.paths.clean / "target" / "test", CLASSES, per_class=2, size=(size, size))
-    (params.paths.clean / "target" / "classes.json").write_text(json.dumps(CLASSES))
-    write_json(params.paths.gates, {"passed": True, "gates": []})
-    keras.utils.set_random_seed(params.seed)
-    model = build_model(params.model, params.data, len(CLASSES), bn_inference=True)
-    # Untrained, the head gives about 1/3 to every class whatever the image; a sharper head makes
-    # the printed 4-decimal probabilities tell different images apart.
-    kernel, bias = model.get_layer("head").get_weights()
-    model.get_layer("head").set_weights([kernel * 100, bias])
-    save_model_dir(model, tuple(CLASSES), params.paths.finetuned_model)
-    export.run(params)
-    return params.paths.onnx_model
+    return export_tiny_model(tmp_path_factory.mktemp("predict"), CLASSES)
 
 
 def _tlpipe(*args: str) -> subprocess.CompletedProcess[str]:

@@ -21,10 +21,9 @@ import pytest
 import uvicorn
 from PIL import Image
 
-from components.artifacts import write_json
 from components.images import load_normalized
 from components.serve import ServeSettings, create_app
-from tests.conftest import REPO, shrunk_params, write_class_folders
+from tests.conftest import REPO, export_tiny_model
 
 CLASSES = ["cat", "dog", "owl"]
 LIMITS = ServeSettings(max_body_bytes=200_000, max_pixels=100_000, max_images=4, top_k=2, batch_window_ms=50)
@@ -32,24 +31,7 @@ LIMITS = ServeSettings(max_body_bytes=200_000, max_pixels=100_000, max_images=4,
 
 @pytest.fixture(scope="module")
 def onnx_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real tiny model exported by the export stage, its head sharpened so images get different answers."""
-    import keras
-
-    from components import export
-    from components.models import build_model, save_model_dir
-
-    params = shrunk_params(tmp_path_factory.mktemp("serve"), {"export.variants": []})
-    size = params.data.image_size
-    write_class_folders(params.paths.clean / "target" / "test", CLASSES, per_class=2, size=(size, size))
-    (params.paths.clean / "target" / "classes.json").write_text(json.dumps(CLASSES))
-    write_json(params.paths.gates, {"passed": True, "gates": []})
-    keras.utils.set_random_seed(params.seed)
-    model = build_model(params.model, params.data, len(CLASSES), bn_inference=True)
-    kernel, bias = model.get_layer("head").get_weights()
-    model.get_layer("head").set_weights([kernel * 100, bias])
-    save_model_dir(model, tuple(CLASSES), params.paths.finetuned_model)
-    export.run(params)
-    return params.paths.onnx_model
+    return export_tiny_model(tmp_path_factory.mktemp("serve"), CLASSES)
 
 
 @pytest.fixture(scope="module")
