@@ -109,7 +109,8 @@ def _fetch_url(url: str, cached: Path, expected: str, algorithm: str, pin_key: s
     if cached.is_file() and digest_of(cached, algorithm) == expected:
         log.info("using cached %s", cached)
         return cached
-    for attempt, delay in enumerate((*RETRY_DELAYS, None), start=1):
+    attempts = len(RETRY_DELAYS) + 1
+    for attempt in range(1, attempts + 1):
         try:
             _download(url, cached, expected, algorithm, pin_key)
             return cached
@@ -119,14 +120,14 @@ def _fetch_url(url: str, cached: Path, expected: str, algorithm: str, pin_key: s
             problem = f"HTTP {error.code}"
         except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as error:
             problem = str(getattr(error, "reason", error))
-        if delay is None:
-            raise PipelineError(
-                f"cannot download {url} after {attempt} tries ({problem}); check the network, or "
-                f"place the file at {cached} ({algorithm} {expected})"
-            )
-        log.warning("download of %s failed (%s); retrying in %.0f s", url, problem, delay)
-        time.sleep(delay)
-    raise AssertionError("unreachable")
+        if attempt < attempts:
+            delay = RETRY_DELAYS[attempt - 1]
+            log.warning("download of %s failed (%s); retrying in %.0f s", url, problem, delay)
+            time.sleep(delay)
+    raise PipelineError(
+        f"cannot download {url} after {attempts} tries ({problem}); check the network, or "
+        f"place the file at {cached} ({algorithm} {expected})"
+    )
 
 
 def cache_dir_from(setting: str) -> Path:
