@@ -5,7 +5,8 @@ from __future__ import annotations
 import csv
 import json
 import logging
-from collections import defaultdict
+import re
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 from components.artifacts import atomic_dir, write_json, write_text
 from components.config import Params
 from components.errors import PipelineError
+from components.ingest import assigned_splits
 from components.images import (MANIFEST_COLUMNS, TASKS, Job, class_folders, list_class_images, normalize_files,
                                workers_for)
 
@@ -145,23 +147,35 @@ def _quarantine(rows: list[dict[str, str]], params: Params) -> tuple[list[dict[s
     return sorted(kept, key=lambda r: r["path"]), quarantined
 
 
-def _split(task: str, label: str, rows: list[dict[str, str]], params: Params) -> dict[str, list[dict[str, str]]]:
+def _split(task: str, label: str, rows: list[dict[str, str]], params: Params,
+           assigned: dict[str, str]) -> dict[str, list[dict[str, str]]]:
+    """Each row's split: the one a CSV manifest assigned it, else the one its content hash falls in."""
     test, val = params.clean.test_fraction, params.clean.val_fraction
     splits: dict[str, list[dict[str, str]]] = {name: [] for name in SPLITS}
     for row in sorted(rows, key=lambda r: r["sha256"]):
         bucket = _bucket(row["sha256"])
-        splits["test" if bucket < test else "val" if bucket < test + val else "train"].append(row)
+        chosen = assigned.get(row["path"]) or ("test" if bucket < test else "val" if bucket < test + val else "train")
+        splits[chosen].append(row)
     # Small classes can hash into no val or test image; borrow one so every split sees every class.
+    # A split the user assigned is never overridden.
     for empty in ("test", "val", "train"):
-        if not splits[empty]:
-            donor = max(SPLITS, key=lambda name: (len(splits[name]), name == "train"))
-            moved = splits[donor].pop(0)  # lowest sha256: deterministic
-            splits[empty].append(moved)
-            log.info("%s class '%s' had no %s image; moved %s there from %s", task, label, empty, moved["path"], donor)
+        if splits[empty]:
+            continue
+        donors = [name for name in SPLITS if len(splits[name]) > 1
+                  and any(r["path"] not in assigned for r in splits[name])]
+        if not donors:
+            raise PipelineError(f"class '{label}' of {task} has no {empty} image: the split column of your CSV manifest "
+                                f"puts all its images in other splits; assign at least one to {empty}, or leave some "
+                                "split cells empty for clean to choose")
+        donor = max(donors, key=lambda name: (len(splits[name]), name == "train"))
+        moved = next(r for r in splits[donor] if r["path"] not in assigned)  # lowest sha256: deterministic
+        splits[donor].remove(moved)
+        splits[empty].append(moved)
+        log.info("%s class '%s' had no %s image; moved %s there from %s", task, label, empty, moved["path"], donor)
     return {name: sorted(rows, key=lambda r: r["sha256"]) for name, rows in splits.items()}
 
 
-def _plan(params: Params, task: str, rows: list[dict[str, str]]) -> _Task:
+def _plan(params: Params, task: str, rows: list[dict[str, str]], assigned: dict[str, str]) -> _Task:
     kept, quarantined = _quarantine(rows, params)
     classes = sorted(set(class_folders(params.paths.raw / task)) | {r["label"] for r in rows})
     plan = _Task(classes, rows, quarantined, {name: [] for name in SPLITS}, [])
@@ -172,7 +186,7 @@ def _plan(params: Params, task: str, rows: list[dict[str, str]]) -> _Task:
             raise PipelineError(f"class '{label}' of {task} has {len(mine)} usable image(s) after quarantine; it needs "
                                 f"at least {MIN_KEPT_PER_CLASS} (one per split): add images or remove the class folder "
                                 f"(see {params.paths.quarantine})")
-        splits = _split(task, label, mine, params)
+        splits = _split(task, label, mine, params, assigned)
         if cap is not None:
             # The label budget: a fixed, content-chosen subset; the rest stays labelled but unused.
             plan.held_back += splits["train"][cap:]
@@ -216,6 +230,106 @@ def _counts(plan: _Task) -> dict[str, Any]:
             "leaked_across_splits": leaked, "per_class": per_class}
 
 
+def _content_groups(plan: _Task, params: Params) -> list[list[dict[str, str]]]:
+    """Kept rows grouped by content the way quarantine grouped them: same bytes, or dHashes within the distance."""
+    kept = [r for rows in plan.splits.values() for r in rows]
+    distance, min_side = params.clean.near_duplicate_distance, params.clean.near_duplicate_min_side
+    near = [r for r in kept if distance >= 0 and min(int(r["width"]), int(r["height"])) >= min_side]
+    by_hash: dict[str, list[dict[str, str]]] = defaultdict(list)
+    for row in kept:
+        if not any(row is r for r in near):
+            by_hash[row["sha256"]].append(row)
+    return (_near_groups(near, distance) if near else []) + list(by_hash.values())
+
+
+def _check_splits(plans: dict[str, _Task], counts: dict[str, dict[str, Any]], params: Params) -> list[dict[str, Any]]:
+    """The split suite, run by Great Expectations: no leakage and no label conflict (critical), split shares (warning)."""
+    import great_expectations.expectations as gxe
+    import pandas as pd
+
+    from components.expectations import run_suites, summarize
+
+    content = []
+    for task, plan in plans.items():
+        split_of = {r["path"]: name for name, rows in plan.splits.items() for r in rows}
+        content += [{"task": task, "images": len(group), "splits": len({split_of[r["path"]] for r in group}),
+                     "labels": len({r["label"] for r in group})} for group in _content_groups(plan, params)]
+    fractions = {"val": params.clean.val_fraction, "test": params.clean.test_fraction}
+    fractions["train"] = 1 - sum(fractions.values())
+    shares = [{"task": task, "split": name, "share": share, "expected": fractions[name],
+               "share_error": abs(share - fractions[name])}
+              for task, count in counts.items() for name, share in count["split_shares"].items()]
+    frames = {"content": pd.DataFrame(content, columns=["task", "images", "splits", "labels"]),
+              "split_shares": pd.DataFrame(shares)}
+    suites = {
+        "content": [
+            gxe.ExpectColumnValuesToBeBetween(column="splits", min_value=1, max_value=1, description=(
+                "No leakage: the copies and near-copies of an image sit in one split only.")),
+            gxe.ExpectColumnValuesToBeBetween(column="labels", min_value=1, max_value=1, description=(
+                "No label conflict: the copies and near-copies of an image carry one label only.")),
+        ],
+        "split_shares": [
+            gxe.ExpectColumnValuesToBeBetween(
+                column="share_error", min_value=0, max_value=params.clean.split_share_tolerance, severity="warning",
+                description="Each split's share of its task is within clean.split_share_tolerance of its fraction."),
+        ],
+    }
+    entries = [summarize(name, r, "critical" if name == "content" else "warning")
+               for name, suite_result in run_suites(frames, suites) for r in suite_result.results]
+    for entry in entries:
+        if not entry["success"] and entry["severity"] == "critical":
+            raise AssertionError(f"{entry['description']} failed ({entry.get('unexpected_count')} groups); "
+                                 "this is a bug in components/clean.py")
+        if not entry["success"]:
+            off = frames["split_shares"][frames["split_shares"]["share_error"] > params.clean.split_share_tolerance]
+            log.warning("split shares off their fractions by more than clean.split_share_tolerance=%g: %s "
+                        "(by chance on small data; add images or assign splits in a CSV manifest)",
+                        params.clean.split_share_tolerance,
+                        ", ".join(f"{r.task} {r.split} {r.share:.3f} (expected {r.expected:.3f})" for r in off.itertuples()))
+    return entries
+
+
+def _reason_kind(reason: str) -> str:
+    """The kind of a quarantine reason: its words before the first detail ("duplicate of x.png" -> "duplicate")."""
+    return re.split(r":| of | \(", reason, maxsplit=1)[0].strip()
+
+
+def _summary_markdown(plans: dict[str, _Task], counts: dict[str, dict[str, Any]], checks: list[dict[str, Any]],
+                      params: Params, listed: int = 200) -> str:
+    """reports/quarantine.md: what a person wants first (counts, reasons, checks), then the files."""
+    lines = ["# Clean: what was kept, and what was not and why", "",
+             f"Every input file is kept, quarantined (with its reason) or held back by the label budget "
+             f"(`clean.target_train_per_class`); the counts below reconcile. Machine-readable: `{params.paths.quarantine}`.",
+             "", "| task | class | input | kept | train | val | test | quarantined | held back |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for task, count in counts.items():
+        for label, c in count["per_class"].items():
+            lines.append(f"| {task} | {label} | {c['input']} | {c['kept']} | {c['train']} | {c['val']} | {c['test']} | "
+                         f"{c['quarantined']} | {c['held_back']} |")
+        lines.append(f"| **{task}** | **all** | **{count['input']}** | **{count['kept']}** | {count['splits']['train']} | "
+                     f"{count['splits']['val']} | {count['splits']['test']} | **{count['quarantined']}** | "
+                     f"**{count['held_back']}** |")
+    quarantined = [(task, row, reason) for task, plan in plans.items() for row, reason in plan.quarantined]
+    kinds = Counter(_reason_kind(reason) for _, _, reason in quarantined)
+    lines += ["", "## Quarantined, by reason", ""]
+    lines += ["| reason | files |", "| --- | --- |", *(f"| {k} | {n} |" for k, n in kinds.most_common())] if kinds else [
+        "Nothing was quarantined."]
+    lines += ["", "## Split checks (Great Expectations)", "", "| check | severity | result | observed |",
+              "| --- | --- | --- | --- |"]
+    for entry in checks:
+        observed = entry.get("unexpected_count", entry.get("observed_value", ""))
+        lines.append(f"| {entry.get('description', entry['expectation'])} | {entry['severity']} | "
+                     f"{'passed' if entry['success'] else 'FAILED'} | {observed} unexpected of {entry.get('element_count', '?')} |")
+    if quarantined:
+        lines += ["", "## Quarantined files", "", "| task | file | class | reason |", "| --- | --- | --- | --- |"]
+        cell = lambda text: str(text).replace("|", "\\|")  # noqa: E731  (a | in a file name would split the cell)
+        lines += [f"| {task} | {cell(row['path'])} | {cell(row['label'])} | {cell(reason)} |"
+                  for task, row, reason in quarantined[:listed]]
+        if len(quarantined) > listed:
+            lines.append(f"\n... and {len(quarantined) - listed} more in `{params.paths.quarantine}`.")
+    return "\n".join(lines) + "\n"
+
+
 def _output_names(rows: list[dict[str, str]]) -> dict[str, str]:
     """A PNG file name per kept file, unique within its class even when only the suffix or subfolder differs."""
     def within_class(row: dict[str, str]) -> Path:
@@ -250,8 +364,12 @@ def _write(params: Params, plans: dict[str, _Task], out: Path) -> None:
 def run(params: Params) -> CleanResult:
     """Write paths.clean/<task>/<split>/<class>/*.png, <task>/classes.json and paths.quarantine."""
     manifest = _read_manifest(params)
-    plans = {task: _plan(params, task, [r for r in manifest if r["task"] == task]) for task in TASKS}
+    assigned = assigned_splits(params.paths.raw)
+    if assigned:
+        log.info("%d image(s) keep the split their CSV manifest assigned", len(assigned))
+    plans = {task: _plan(params, task, [r for r in manifest if r["task"] == task], assigned) for task in TASKS}
     counts = {task: _counts(plan) for task, plan in plans.items()}
+    checks = _check_splits(plans, counts, params)
     with atomic_dir(params.paths.clean) as temp:
         _write(params, plans, temp)
     write_json(params.paths.quarantine, {
@@ -261,7 +379,9 @@ def run(params: Params) -> CleanResult:
                       for plan in plans.values() for r in plan.held_back],
         "counts": counts,
         "reconciled": True,
+        "expectations": checks,
     })
+    write_text(params.paths.quarantine_summary, _summary_markdown(plans, counts, checks, params))
     result = CleanResult({t: c["kept"] for t, c in counts.items()}, sum(c["quarantined"] for c in counts.values()),
                          sum(c["held_back"] for c in counts.values()))
     log.info("%s -> %s (details: %s)", result, params.paths.clean, params.paths.quarantine)

@@ -71,6 +71,14 @@ def _summary(args: argparse.Namespace) -> None:
     print(summary(load_params(args.params)))
 
 
+def _promote(args: argparse.Namespace) -> None:
+    from components.config import load_params
+    from components.promote import run
+
+    # A rejected challenger is a normal outcome (exit 0), said on stdout; only errors exit non-zero.
+    print(run(load_params(args.params)))
+
+
 def _stages(args: argparse.Namespace) -> None:
     from components.graph import stage_names
 
@@ -114,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     summary = with_params(commands.add_parser("summary", help="print metrics, gates and the model's location"))
     summary.set_defaults(handler=_summary)
+
+    promote = with_params(commands.add_parser("promote", help="compare models/model.onnx with the champion; promote or keep"))
+    promote.set_defaults(handler=_promote)
 
     stages = commands.add_parser("stages", help="list the stages in order")
     stages.set_defaults(handler=_stages)

@@ -57,6 +57,7 @@ class CleanParams(_Section):
     target_train_per_class: int | None = Field(ge=1)
     near_duplicate_distance: int = Field(ge=-1, le=64)
     near_duplicate_min_side: int = Field(ge=1)
+    split_share_tolerance: float = Field(gt=0, lt=1)
     workers: int = Field(ge=0)
 
     @model_validator(mode="after")
@@ -143,6 +144,11 @@ class ExportParams(_Section):
     calibration_images: int = Field(ge=1)
 
 
+class PromoteParams(_Section):
+    max_regression: float = Field(ge=0, le=1)
+    tag_prefix: str = Field(pattern=r"^[A-Za-z0-9._/-]*$")
+
+
 class Paths(_Section):
     raw: Path
     manifest: Path
@@ -157,6 +163,7 @@ class Paths(_Section):
     validation: Path
     data_docs: Path
     quarantine: Path
+    quarantine_summary: Path
     drift_report: Path
     drift_reference: Path
     source_report: Path
@@ -170,6 +177,11 @@ class Paths(_Section):
     confusion_png: Path
     export_report: Path
     transfer_gain: Path
+    production: Path
+    releases: Path
+    promotion_report: Path
+    promotion_summary: Path
+    dvc_lock: Path
 
 
 class Params(_Section):
@@ -183,6 +195,7 @@ class Params(_Section):
     finetune: FinetuneParams
     evaluate: EvaluateParams
     export: ExportParams
+    promote: PromoteParams
     paths: Paths
 
     @property

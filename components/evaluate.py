@@ -17,7 +17,6 @@ from components.artifacts import atomic_path, write_json, write_text
 from components.config import Params
 from components.dataset import load_split
 from components.errors import PipelineError
-from components.models import load_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +135,9 @@ def _plot_confusion(matrix: np.ndarray, classes: tuple[str, ...], path: Path) ->
 
 
 def run(params: Params) -> EvaluateResult:
+    # Imported here: promotion reuses the metrics above without paying for Keras and TensorFlow.
+    from components.models import load_model_dir
+
     model, classes = load_model_dir(params.paths.finetuned_model)
     test = load_split(params.paths.clean, "target", "test")
     if classes != test.classes:

@@ -75,11 +75,12 @@ def run(params: Params) -> FinetuneResult:
     checkpoint = Checkpoint(params.paths.finetune_checkpoint, _fingerprint(params, train, val))
     resuming = checkpoint.load()
     policy = resolve_precision(cfg.precision)
-    with data_parallel(cfg.data_parallel) as replicas:
+    with data_parallel(cfg.data_parallel) as devices:
         model, classes = load_model_dir(params.paths.transferred_model)
         trainee = with_precision(model, policy)
         log.info("fine-tuning on %d images of %d classes (backend %s, %s, %d replica(s), accelerators: %s)",
-                 len(train), len(classes), keras.backend.backend(), policy, replicas, accelerators() or "none")
+                 len(train), len(classes), keras.backend.backend(), policy, max(len(devices), 1),
+                 accelerators() or "none")
         live = open_curves(params.paths.training_curves / "finetune", resume=resuming)
         phases = {name: FitResult(**{k: tuple(v) if isinstance(v, list) else v for k, v in result.items()})
                   for name, result in checkpoint.context.get("phases", {}).items()}
@@ -121,7 +122,8 @@ def run(params: Params) -> FinetuneResult:
         # What the backbone really computed in (mixed precision is active when this is float16/bfloat16).
         "compute_dtype": sorted({layer.compute_dtype for layer in trainee.get_layer(BACKBONE_NAME).layers
                                  if layer.weights}),
-        "replicas": replicas,
+        "replicas": max(len(devices), 1),
+        "devices": list(devices),  # the devices each batch was split between (empty: no data parallelism)
         "resumed": resuming,
         "train_images": len(train),
         "val_images": len(val),

@@ -20,7 +20,9 @@ from components.images import TASKS, class_folders, list_class_images, sha256_fi
 log = logging.getLogger(__name__)
 
 # Bump when the way ingest writes data/raw changes, so existing trees are rebuilt once.
-INGEST_VERSION = 1
+INGEST_VERSION = 2
+# Inside paths.raw, versioned with it: what ingest wrote (counts, rejected files, CSV splits, a
+# content digest), never where from or when, so the same images give the same DVC hash anywhere.
 FINGERPRINT_FILE = ".ingest.json"
 DIGIT_CLASSES = range(10)
 
@@ -79,7 +81,7 @@ def _plan(params: Params) -> dict[str, dict[str, Any]]:
         if folder and is_csv_manifest(folder):
             csv_path = Path(folder).expanduser()
             entries = read_csv_manifest(csv_path)
-            listing = [(rel, label, *_stat(csv_path.parent / rel)) for rel, label in entries]
+            listing = [(rel, label, *_stat(csv_path.parent / rel)) for rel, label, _ in entries]
             digest = hashlib.sha256(json.dumps([sha256_file(csv_path), listing]).encode()).hexdigest()
             plan[task] = {"csv": str(csv_path.resolve()), "files": len(entries), "listing_sha256": digest}
         elif folder:
@@ -98,16 +100,36 @@ def _fingerprint(plan: dict[str, dict[str, Any]]) -> str:
     return hashlib.sha256(json.dumps({"version": INGEST_VERSION, "plan": plan}, sort_keys=True).encode()).hexdigest()
 
 
+def _state_path(raw: Path) -> Path:
+    """Beside paths.raw, not in it: this machine's fingerprint of the inputs (absolute paths, mtimes).
+
+    Kept out of the DVC-tracked folder on purpose: after `dvc pull`, a fresh clone or a `touch`,
+    the fingerprint differs while the images do not, and data/raw must keep its hash then.
+    """
+    return raw.parent / f".ingest-state-{raw.name}.json"
+
+
+def _tree_digest(root: Path) -> str:
+    """sha256 over every folder and file below `root` (path and bytes), the record file excepted."""
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root).as_posix()
+        if rel == FINGERPRINT_FILE:
+            continue
+        digest.update(f"{rel}\0{'d' if path.is_dir() else sha256_file(path)}\0".encode())
+    return digest.hexdigest()
+
+
 def _unchanged(raw: Path, fingerprint: str) -> bool:
-    """The recorded fingerprint matches and the files it recorded are all still there."""
-    record_path = raw / FINGERPRINT_FILE
-    if not record_path.is_file():
-        return False
+    """The inputs' fingerprint matches the one recorded here, for the very tree now in `raw`."""
     try:
-        record = read_json(record_path)
+        state, record = read_json(_state_path(raw)), read_json(raw / FINGERPRINT_FILE)
     except (OSError, ValueError):
         return False
-    if not isinstance(record, dict) or record.get("fingerprint") != fingerprint:
+    if not isinstance(state, dict) or not isinstance(record, dict) or state.get("fingerprint") != fingerprint:
+        return False
+    # `dvc checkout` of another version swaps data/raw under an unchanged fingerprint: the digest notices.
+    if record.get("version") != INGEST_VERSION or state.get("content_sha256") != record.get("content_sha256"):
         return False
     if not isinstance(record.get("images"), dict):
         return False
@@ -116,6 +138,10 @@ def _unchanged(raw: Path, fingerprint: str) -> bool:
         (raw / task).is_dir() and len(list_class_images(raw / task, every_file=True)) == record["images"].get(task)
         for task in TASKS
     )
+
+
+class _SameContent(Exception):
+    """The rebuilt tree equals the one in place: keep that one, so DVC sees nothing new."""
 
 
 def _write_digits(out: Path, classes: list[int]) -> None:
@@ -173,12 +199,16 @@ def _copy_tree(source: Path, out: Path) -> list[dict[str, str]]:
     return rejected
 
 
-def _copy_csv(csv_path: Path, out: Path) -> list[dict[str, str]]:
-    """Copy each listed file to out/<label>/<its path under the CSV's folder>; return the rejected rows."""
+def _copy_csv(csv_path: Path, out: Path) -> tuple[list[dict[str, str]], dict[str, str]]:
+    """Copy each listed file to out/<label>/<its path under the CSV's folder>.
+
+    Returns the rejected rows and, for copied rows whose split column is filled in, {path: split}.
+    """
     root = csv_path.parent
     rejected: list[dict[str, str]] = []
+    splits: dict[str, str] = {}
     seen: set[str] = set()
-    for listed, label in read_csv_manifest(csv_path):
+    for listed, label, split in read_csv_manifest(csv_path):
         source = Path(os.path.normpath(root / listed))
         inside = source.is_relative_to(root) and Path(os.path.realpath(source)).is_relative_to(os.path.realpath(root))
         rel = f"{label}/{source.relative_to(root).as_posix() if source.is_relative_to(root) else source.name}"
@@ -201,7 +231,9 @@ def _copy_csv(csv_path: Path, out: Path) -> list[dict[str, str]]:
         if reason:
             rejected.append({"path": rel, "label": label, "reason": reason})
             log.warning("%s: row %s not copied: %s", csv_path, listed, reason)
-    return rejected
+        elif split:
+            splits[rel] = split
+    return rejected, splits
 
 
 def rejected_files(raw: Path) -> dict[str, list[dict[str, str]]]:
@@ -209,6 +241,13 @@ def rejected_files(raw: Path) -> dict[str, list[dict[str, str]]]:
     record = read_json(raw / FINGERPRINT_FILE) if (raw / FINGERPRINT_FILE).is_file() else {}
     rejected = record.get("rejected") if isinstance(record, dict) else None
     return {task: list((rejected or {}).get(task, [])) for task in TASKS}
+
+
+def assigned_splits(raw: Path) -> dict[str, str]:
+    """{manifest path ("<task>/<label>/..."): split} for the files a CSV manifest assigned a split to."""
+    record = read_json(raw / FINGERPRINT_FILE) if (raw / FINGERPRINT_FILE).is_file() else {}
+    splits = record.get("splits") if isinstance(record, dict) else None
+    return {f"{task}/{rel}": split for task in TASKS for rel, split in ((splits or {}).get(task) or {}).items()}
 
 
 def run(params: Params) -> IngestResult:
@@ -221,23 +260,32 @@ def run(params: Params) -> IngestResult:
         record = read_json(raw / FINGERPRINT_FILE)
         return IngestResult(False, record["images"], record["classes"])
 
-    with atomic_dir(raw) as temp:
-        rejected: dict[str, list[dict[str, str]]] = {task: [] for task in TASKS}
-        for task in TASKS:
-            if "csv" in plan[task]:
-                log.info("%s: copying the files listed in %s", task, plan[task]["csv"])
-                rejected[task] = _copy_csv(Path(plan[task]["csv"]), temp / task)
-            elif "dir" in plan[task]:
-                log.info("%s: copying %s", task, plan[task]["dir"])
-                rejected[task] = _copy_tree(Path(plan[task]["dir"]), temp / task)
-            else:
-                log.info("%s: writing scikit-learn digits %s", task, plan[task]["classes"])
-                _write_digits(temp / task, plan[task]["classes"])
-        images = {task: len(list_class_images(temp / task, every_file=True)) for task in TASKS}
-        classes = {task: len(class_folders(temp / task)) for task in TASKS}
-        record = {"fingerprint": fingerprint, "plan": plan, "images": images, "classes": classes,
-                  "rejected": rejected}
-        write_json(temp / FINGERPRINT_FILE, record)
-    result = IngestResult(True, images, classes)
-    log.info("wrote %s: %s", raw, result)
+    try:
+        with atomic_dir(raw) as temp:
+            rejected: dict[str, list[dict[str, str]]] = {task: [] for task in TASKS}
+            splits: dict[str, dict[str, str]] = {task: {} for task in TASKS}
+            for task in TASKS:
+                if "csv" in plan[task]:
+                    log.info("%s: copying the files listed in %s", task, plan[task]["csv"])
+                    rejected[task], splits[task] = _copy_csv(Path(plan[task]["csv"]), temp / task)
+                elif "dir" in plan[task]:
+                    log.info("%s: copying %s", task, plan[task]["dir"])
+                    rejected[task] = _copy_tree(Path(plan[task]["dir"]), temp / task)
+                else:
+                    log.info("%s: writing scikit-learn digits %s", task, plan[task]["classes"])
+                    _write_digits(temp / task, plan[task]["classes"])
+            images = {task: len(list_class_images(temp / task, every_file=True)) for task in TASKS}
+            classes = {task: len(class_folders(temp / task)) for task in TASKS}
+            record = {"version": INGEST_VERSION, "images": images, "classes": classes, "rejected": rejected,
+                      "splits": splits, "content_sha256": _tree_digest(temp)}
+            write_json(temp / FINGERPRINT_FILE, record)
+            if raw.is_dir() and (raw / FINGERPRINT_FILE).is_file() and read_json(raw / FINGERPRINT_FILE) == record \
+                    and _tree_digest(raw) == record["content_sha256"]:
+                raise _SameContent
+        rewritten = True
+    except _SameContent:
+        rewritten = False
+    write_json(_state_path(raw), {"fingerprint": fingerprint, "content_sha256": record["content_sha256"]})
+    result = IngestResult(rewritten, images, classes)
+    log.info("%s: %s%s", raw, result, "" if rewritten else " (checked file by file: the same images)")
     return result

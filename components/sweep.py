@@ -78,6 +78,7 @@ def plot(rows: list[dict], table: list[dict], path: Path) -> None:
         axes.scatter([r["labels_per_class"] for r in rows], [r[key] for r in rows], color=color, alpha=0.3, s=12)
     axes.set(xscale="log", xlabel="labelled images per class (target train split)", ylabel="test accuracy",
              title="Does transfer help? (target task)")
+    axes.minorticks_off()  # the log axis would label 6x10^0 ... between the budgets
     axes.set_xticks([r["labels_per_class"] for r in table], [str(r["labels_per_class"]) for r in table])
     axes.grid(alpha=0.3)
     axes.legend()

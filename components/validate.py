@@ -14,6 +14,7 @@ from components.artifacts import atomic_dir, atomic_path, write_json, write_text
 from components.config import Params
 from components.drift import check_drift
 from components.errors import PipelineError
+from components.expectations import run_suites, summarize
 from components.images import MANIFEST_COLUMNS, STAT_COLUMNS, TASKS, class_folders, inspect_image, list_class_images
 from components.ingest import rejected_files
 
@@ -128,49 +129,6 @@ def _suites(params: Params, classes: dict[str, list[str]]) -> dict[str, list[Any
     return {"manifest": manifest, "class_counts": class_counts, "informational": report}
 
 
-def _run_gx(frames: dict[str, "pd.DataFrame"], suites: dict[str, list[Any]], docs: Path) -> list[Any]:
-    """Validate each frame with its suite in an ephemeral context; build the HTML data docs into `docs`."""
-    import great_expectations as gx
-    from great_expectations.data_context.types.base import ProgressBarsConfig
-
-    # This GX module pins its own logger at INFO on import, past the parent's level.
-    logging.getLogger("great_expectations.data_context.types.base").setLevel(logging.WARNING)
-    context = gx.get_context(mode="ephemeral")
-    context.variables.progress_bars = ProgressBarsConfig(globally=False)  # no tqdm bar per validation
-    context.update_data_docs_site("local_site", {
-        "class_name": "SiteBuilder",
-        "show_how_to_buttons": False,
-        "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs.resolve())},
-        "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-    })
-    source = context.data_sources.add_pandas("tlpipe")
-    results = []
-    for name, expectations in suites.items():
-        batch = source.add_dataframe_asset(name).add_batch_definition_whole_dataframe("all")
-        suite = context.suites.add(gx.ExpectationSuite(name=name, expectations=expectations))
-        definition = context.validation_definitions.add(gx.ValidationDefinition(name=name, data=batch, suite=suite))
-        results.append((name, definition.run(batch_parameters={"dataframe": frames[name]}, result_format="SUMMARY")))
-    context.build_data_docs()
-    # GX's own index draws its table with scripts from public CDNs, so offline (and behind
-    # firewalls) it shows nothing; index.html becomes a self-contained summary linking GX's pages.
-    (docs / "index.html").replace(docs / "gx_index.html")
-    return results
-
-
-def _summarize(name: str, result: Any) -> dict[str, Any]:
-    config = result.expectation_config
-    kwargs = {k: v for k, v in config.kwargs.items() if k != "batch_id"}
-    severity = "critical" if name in CRITICAL_SUITES else "info"
-    entry: dict[str, Any] = {"suite": name, "expectation": config.type, "kwargs": kwargs,
-                             "severity": severity, "success": bool(result.success)}
-    for key in ("observed_value", "element_count", "unexpected_count", "partial_unexpected_list"):
-        if key in result.result:
-            entry[key] = result.result[key]
-    if result.exception_info.get("raised_exception"):
-        entry["exception"] = result.exception_info.get("exception_message")
-    return entry
-
-
 def _explain(entry: dict[str, Any], manifest: "pd.DataFrame", counts: "pd.DataFrame", params: Params) -> str:
     """One sentence a person can act on, for a failed critical expectation."""
     kwargs, limits = entry["kwargs"], params.validation
@@ -267,8 +225,12 @@ def run(params: Params) -> ValidateResult:
     numeric["aspect"] = numeric[["width", "height"]].max(axis=1) / numeric[["width", "height"]].min(axis=1)
     frames = {"manifest": numeric, "class_counts": counts, "informational": numeric}
     with atomic_dir(paths.data_docs) as docs:
-        results = _run_gx(frames, _suites(params, classes), docs)
-        entries = [_summarize(name, r) for name, suite_result in results for r in suite_result.results]
+        results = run_suites(frames, _suites(params, classes), docs)
+        # GX's own index draws its table with scripts from public CDNs, so offline (and behind
+        # firewalls) it shows nothing; index.html becomes a self-contained summary linking GX's pages.
+        (docs / "index.html").replace(docs / "gx_index.html")
+        entries = [summarize(name, r, "critical" if name in CRITICAL_SUITES else "info")
+                   for name, suite_result in results for r in suite_result.results]
         success = all(e["success"] for e in entries if e["severity"] == "critical")
         failed = [e for e in entries if e["severity"] == "critical" and not e["success"]]
         problems = [_explain(e, manifest, counts, params) for e in failed]

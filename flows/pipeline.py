@@ -33,7 +33,8 @@ def run_stage(name: str, params: Params) -> Any:
     return stage_module(name).run(params)
 
 
-def _report(path: Path) -> dict[str, Any]:
+def read_report(path: Path) -> dict[str, Any]:
+    """A JSON report as a dict; {} when it is missing or unreadable (the summary then reads n/a)."""
     try:
         report = json.loads(Path(path).read_text())
     except (OSError, ValueError):
@@ -41,27 +42,34 @@ def _report(path: Path) -> dict[str, Any]:
     return report if isinstance(report, dict) else {}
 
 
-def _show(value: Any) -> str:
+def show(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4f}"
     return "n/a" if value is None else str(value)
 
 
-def run_summary(params: Params, ran: list[str]) -> str:
-    """Markdown for the run's artifact, from the reports on disk; a missing report reads n/a."""
-    metrics, gates, export = (_report(p) for p in (params.paths.metrics, params.paths.gates, params.paths.export_report))
+def model_rows(params: Params) -> list[tuple[str, str]]:
+    """Metrics, gate verdict and ONNX model of the last run, from the reports on disk."""
+    metrics, gates, export = (read_report(p) for p in (params.paths.metrics, params.paths.gates, params.paths.export_report))
     verdict = {True: "passed", False: "failed"}.get(gates.get("passed"), "n/a")
     failed = [g.get("name") for g in gates.get("gates") or [] if isinstance(g, dict) and not g.get("passed")]
     onnx = params.paths.onnx_model if params.paths.onnx_model.is_file() else None
-    rows = [
-        ("stages run", " -> ".join(ran)),
-        ("accuracy", _show(metrics.get("accuracy"))),
-        ("macro F1", _show(metrics.get("macro_f1"))),
+    return [
+        ("accuracy", show(metrics.get("accuracy"))),
+        ("macro F1", show(metrics.get("macro_f1"))),
         ("gates", verdict + (f" ({', '.join(map(str, failed))})" if failed else "")),
-        ("ONNX model", _show(onnx)),
-        ("ONNX parity (max abs diff)", _show(export.get("max_abs_diff"))),
+        ("ONNX model", show(onnx)),
+        ("ONNX parity (max abs diff)", show(export.get("max_abs_diff"))),
     ]
-    return "\n".join(["# tlpipe run", "", "| | |", "| --- | --- |", *(f"| {k} | {v} |" for k, v in rows)])
+
+
+def markdown_table(title: str, rows: list[tuple[str, str]]) -> str:
+    return "\n".join([f"# {title}", "", "| | |", "| --- | --- |", *(f"| {k} | {v} |" for k, v in rows)])
+
+
+def run_summary(params: Params, ran: list[str]) -> str:
+    """Markdown for the run's artifact, from the reports on disk; a missing report reads n/a."""
+    return markdown_table("tlpipe run", [("stages run", " -> ".join(ran)), *model_rows(params)])
 
 
 @flow(name="tlpipe")

@@ -157,3 +157,55 @@ def export_tiny_model(root: Path, classes: list[str]) -> Path:
     save_model_dir(model, tuple(classes), params.paths.finetuned_model)
     export.run(params)
     return params.paths.onnx_model
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory):
+    """A real S3-compatible server (moto's, a subprocess) on 127.0.0.1; yields its endpoint URL.
+
+    Buckets are per test: create them with boto3 against the endpoint (any credentials work).
+    """
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    # Its request log goes to a file: a pipe nobody reads fills up and blocks the server.
+    log_path = tmp_path_factory.mktemp("moto") / "moto_server.log"
+    log = log_path.open("w")
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=2).close()
+                break
+            except OSError as error:
+                if server.poll() is not None:
+                    pytest.fail(f"moto_server exited with {server.returncode}: {log_path.read_text()[-2000:]}")
+                if time.monotonic() > deadline:
+                    pytest.fail(f"moto_server did not answer on {endpoint} within 60 s: {error}")
+                time.sleep(0.2)
+        yield endpoint
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        log.close()

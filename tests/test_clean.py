@@ -156,3 +156,56 @@ def test_small_classes_get_every_split_and_too_small_ones_fail(tmp_path: Path) -
     (target / "b" / "b_0002.png").unlink()
     with pytest.raises(PipelineError, match="class 'b' of target has 2 usable image"):
         _pipeline(params)
+
+
+def _csv_target(tmp_path: Path, splits: dict[str, str], per_class: int = 12) -> Path:
+    """A CSV manifest over two generated classes; `splits` names the split of some files (others left empty)."""
+    root = write_class_folders(tmp_path / "tgt", ["a", "b"], per_class=per_class)
+    rows = ["path,label,split"] + [f"{p.relative_to(root).as_posix()},{p.parent.name},{splits.get(p.name, '')}"
+                                   for p in sorted(root.glob("*/*.png"))]
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    return root / "labels.csv"
+
+
+def test_a_csv_split_column_is_honoured_and_the_rest_split_by_content(tmp_path: Path) -> None:
+    chosen = {"a_0000.png": "test", "a_0001.png": "Validation", "b_0002.png": "train", "b_0003.png": "test"}
+    params = _user_params(tmp_path, _csv_target(tmp_path, chosen), {"clean.target_train_per_class": None})
+
+    _pipeline(params)
+
+    # A CSV's files land under <label>/<their path>, here a/a_0000.png -> a__a_0000.png.
+    split_of = {name.split("__")[-1]: split for name, split in _split_of(params, "target").items()}
+    assert split_of["a_0000.png"] == "test" and split_of["a_0001.png"] == "val"
+    assert split_of["b_0002.png"] == "train" and split_of["b_0003.png"] == "test"
+    assert len(split_of) == 24 and set(split_of.values()) == set(SPLITS)  # unassigned rows still fill every split
+
+
+def test_a_csv_split_that_starves_a_class_or_names_no_split_is_refused(tmp_path: Path) -> None:
+    everything_train = {f"{label}_{i:04d}.png": "train" for label in "ab" for i in range(12)}
+    params = _user_params(tmp_path, _csv_target(tmp_path, everything_train))
+    with pytest.raises(PipelineError, match=r"class 'a' of target has no test image: the split column"):
+        _pipeline(params)
+
+    bad = tmp_path / "bad"
+    params = _user_params(bad, _csv_target(bad, {"a_0000.png": "holdout"}))
+    with pytest.raises(PipelineError, match=r"split values \['holdout'\] on line\(s\) \[2\] are not train, val or test"):
+        ingest.run(params)
+
+
+def test_the_split_suite_and_a_readable_summary_are_written(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    target = write_class_folders(tmp_path / "tgt", ["a", "b"], per_class=12)
+    (target / "b" / "copy.png").write_bytes((target / "b" / "b_0000.png").read_bytes())
+    # A tolerance no hash split of 24 images meets: reported as a warning, the stage still passes.
+    params = _user_params(tmp_path, target, {"clean.split_share_tolerance": 0.001})
+
+    _pipeline(params)
+
+    checks = {e["kwargs"]["column"]: e for e in json.loads(params.paths.quarantine.read_text())["expectations"]}
+    assert checks["splits"]["success"] and checks["splits"]["severity"] == "critical"  # no leakage
+    assert checks["labels"]["success"] and checks["labels"]["severity"] == "critical"  # no label conflict
+    assert not checks["share_error"]["success"] and checks["share_error"]["severity"] == "warning"
+    assert "split shares off their fractions" in caplog.text
+    summary = params.paths.quarantine_summary.read_text()
+    assert "| target | b | 13 | 12 |" in summary  # input 13, kept 12
+    assert "| duplicate | 1 |" in summary and "| target | target/b/copy.png | b | duplicate of target/b/b_0000.png |" in summary
+    assert "No leakage" in summary and "FAILED" in summary

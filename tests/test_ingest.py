@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -131,3 +132,39 @@ def test_a_csv_manifest_without_its_columns_is_refused(tmp_path: Path) -> None:
     params = shrunk_params(tmp_path, {"data.target_dir": str(tmp_path / "labels.csv")})
     with pytest.raises(PipelineError, match=r"needs a header with columns path,label"):
         ingest.run(params)
+
+
+def test_the_same_images_keep_data_raw_as_it_is_wherever_they_come_from(tmp_path: Path) -> None:
+    """A fresh clone after `dvc pull`, or inputs touched or copied anew: same images, same data/raw, nothing reruns."""
+    user = write_class_folders(tmp_path / "mine", ["cat", "dog"], per_class=3)
+    params = shrunk_params(tmp_path, {"data.target_dir": str(user)})
+    assert ingest.run(params).rewritten
+    raw = params.paths.raw
+    before = _files(raw)
+
+    image = user / "cat" / "cat_0000.png"
+    os.utime(image, ns=(1, 1))  # same bytes, new mtime: the cheap fingerprint changes
+    assert not ingest.run(params).rewritten
+    assert _files(raw) == before
+
+    moved = tmp_path / "elsewhere"
+    user.rename(moved)  # the same folder on another mount, as on another machine
+    elsewhere = shrunk_params(tmp_path, {"data.target_dir": str(moved)})
+    assert not ingest.run(elsewhere).rewritten
+    assert _files(raw) == before
+
+    (moved / "cat" / "cat_0000.png").write_bytes((moved / "dog" / "dog_0001.png").read_bytes())
+    assert ingest.run(elsewhere).rewritten  # new bytes are new data
+    assert _files(raw) != before
+
+
+def test_a_checked_out_older_tree_is_noticed_under_an_unchanged_fingerprint(params: Params) -> None:
+    ingest.run(params)
+    raw = params.paths.raw
+    record = raw / ingest.FINGERPRINT_FILE
+    # What `dvc checkout` of another version looks like: other files and record, same inputs.
+    victim = next((raw / "target" / "7").glob("*.png"))
+    victim.unlink()
+    record.write_text(record.read_text().replace('"content_sha256": "', '"content_sha256": "0'))
+    result = ingest.run(params)
+    assert result.rewritten and victim.is_file()

@@ -10,11 +10,39 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from components.config import Params
 from components.models import BACKBONE_NAME, build_model, load_model_dir, save_model_dir
-from tests.conftest import REPO, shrunk_params, write_clean_dataset, write_shrunk_params_yaml
+from tests.conftest import REPO, shrunk_params, write_shrunk_params_yaml
+
+
+TEXTURES = ("x", "y", "z")
+
+
+def write_texture_task(clean_dir: Path, per_split: dict[str, int], size: int, seed: int = 7) -> None:
+    """A cleaned target task whose classes differ in texture, not position: x horizontal stripes,
+    y vertical stripes, z a checkerboard (random phase and noise).
+
+    The backbone ends in global average pooling, which throws position away: classes told apart by
+    where a bar is (conftest's images) are near chance for it, texture is learned in a few epochs once
+    its layers train. (A head on the untrained, frozen backbone of finetune_workspace stays near chance.)
+    """
+    rng = np.random.default_rng(seed)
+    rows, cols = np.indices((size, size))
+    for split, count in per_split.items():
+        for label in TEXTURES:
+            folder = clean_dir / "target" / split / label
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                phase = rng.integers(0, 4)
+                stripes = {"x": (rows + phase) // 2 % 2, "y": (cols + phase) // 2 % 2,
+                           "z": ((rows + phase) // 2 + (cols + phase) // 2) % 2}[label]
+                pixels = stripes * rng.integers(150, 256) + rng.integers(0, 60, size=(size, size))
+                Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(folder / f"{label}_{i:04d}.png")
+    (clean_dir / "target" / "classes.json").write_text(json.dumps(list(TEXTURES)))
 
 
 def finetune_workspace(root: Path, extra: dict[str, object] | None = None) -> tuple[Params, Path]:
@@ -26,24 +54,26 @@ def finetune_workspace(root: Path, extra: dict[str, object] | None = None) -> tu
     import keras
 
     params = shrunk_params(root, extra)
-    splits = {"train": 24, "val": 8, "test": 8}
-    write_clean_dataset(params.paths.clean, "target", ["x", "y", "z"], splits, params.data.image_size, seed=7)
+    write_texture_task(params.paths.clean, {"train": 24, "val": 8, "test": 16}, params.data.image_size)
     keras.utils.set_random_seed(params.seed)
     model = build_model(params.model, params.data, 3, bn_inference=True)
     model.get_layer(BACKBONE_NAME).trainable = False
-    save_model_dir(model, ("x", "y", "z"), params.paths.transferred_model)
+    save_model_dir(model, TEXTURES, params.paths.transferred_model)
     return params, write_shrunk_params_yaml(root / "params.yaml", extra)
 
 
-def start_stage(name: str, params_yaml: Path, env: dict[str, str] | None = None, **kwargs: object) -> subprocess.Popen:
+def start_stage(name: str, params_yaml: Path, env: dict[str, str] | None = None,
+                command: list[str] | None = None) -> subprocess.Popen:
+    """`tlpipe stage NAME` in a process of its own (or `command`, which runs it some other way)."""
     environ = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}
-    return subprocess.Popen([sys.executable, "-m", "components", "stage", name, "--params", str(params_yaml)],
-                            cwd=REPO, env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            **kwargs)
+    command = command or [sys.executable, "-m", "components", "stage", name, "--params", str(params_yaml)]
+    return subprocess.Popen(command, cwd=REPO, env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
 
 
-def run_stage(name: str, params_yaml: Path, env: dict[str, str] | None = None, timeout: float = 300) -> str:
-    process = start_stage(name, params_yaml, env)
+def run_stage(name: str, params_yaml: Path, env: dict[str, str] | None = None, timeout: float = 300,
+              command: list[str] | None = None) -> str:
+    process = start_stage(name, params_yaml, env, command)
     try:
         output, _ = process.communicate(timeout=timeout)
     finally:
@@ -55,8 +85,8 @@ def run_stage(name: str, params_yaml: Path, env: dict[str, str] | None = None, t
 
 
 HEAD_EPOCHS = 8
-# Measured here: on JAX, the augmentation layers make every epoch compile again (about 20 s each on
-# 2 busy cores; TensorFlow does not); the subprocess tests leave them out to stay short.
+# The subprocess tests train without augmentation: they check the training machinery, and a few
+# epochs on unaugmented images are enough to learn their task.
 NO_AUGMENT = {"finetune.augment_rotation": 0.0, "finetune.augment_zoom": 0.0, "finetune.augment_contrast": 0.0}
 
 
