@@ -6,6 +6,9 @@ UV_VERSION := 0.13.8
 export TF_CPP_MIN_LOG_LEVEL := 2
 export GX_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
+# uv compiles the installed packages to bytecode once; else, where PYTHONDONTWRITEBYTECODE is set,
+# every process compiles TensorFlow, DVC, GX... from source again (measured: bench/, docs/benchmarks.md).
+export UV_COMPILE_BYTECODE := 1
 # dvc.yaml's commands call `tlpipe`: the venv's bin comes first, as after `source .venv/bin/activate`.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 

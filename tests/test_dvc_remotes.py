@@ -57,7 +57,8 @@ def _outputs(repo: Path) -> dict[str, bytes]:
         path.relative_to(repo).as_posix(): path.read_bytes()
         for name in OUTPUTS
         for path in sorted((repo / name).rglob("*"))
-        if path.is_file() and path.name != ".gitignore"
+        # ingest's machine-local fingerprint sits beside data/raw, deliberately outside what DVC versions
+        if path.is_file() and path.name != ".gitignore" and not path.name.startswith(".ingest-state-")
     }
 
 
