@@ -138,10 +138,9 @@ def _quarantine(rows: list[dict[str, str]], params: Params) -> tuple[list[dict[s
             by_hash[row["sha256"]].append(row)
     kept, dropped = _dedupe(list(by_hash.values()), "image")
     quarantined += dropped
-    distance, min_side = params.clean.near_duplicate_distance, params.clean.near_duplicate_min_side
+    distance = params.clean.near_duplicate_distance
     if distance >= 0:
-        hashable = [r for r in kept if min(int(r["width"]), int(r["height"])) >= min_side]
-        others = [r for r in kept if min(int(r["width"]), int(r["height"])) < min_side]
+        hashable, others = _by_hashability(kept, params)
         near_kept, dropped = _dedupe(_near_groups(hashable, distance), "near-duplicate image")
         kept, quarantined = others + near_kept, quarantined + dropped
     return sorted(kept, key=lambda r: r["path"]), quarantined
@@ -230,16 +229,23 @@ def _counts(plan: _Task) -> dict[str, Any]:
             "leaked_across_splits": leaked, "per_class": per_class}
 
 
+def _by_hashability(rows: list[dict[str, str]], params: Params) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """Rows compared by dHash (near-duplicates on, image big enough), and rows compared by exact bytes only."""
+    if params.clean.near_duplicate_distance < 0:
+        return [], rows
+    min_side = params.clean.near_duplicate_min_side
+    big = [min(int(r["width"]), int(r["height"])) >= min_side for r in rows]
+    return [r for r, b in zip(rows, big) if b], [r for r, b in zip(rows, big) if not b]
+
+
 def _content_groups(plan: _Task, params: Params) -> list[list[dict[str, str]]]:
     """Kept rows grouped by content the way quarantine grouped them: same bytes, or dHashes within the distance."""
-    kept = [r for rows in plan.splits.values() for r in rows]
-    distance, min_side = params.clean.near_duplicate_distance, params.clean.near_duplicate_min_side
-    near = [r for r in kept if distance >= 0 and min(int(r["width"]), int(r["height"])) >= min_side]
+    near, exact = _by_hashability([r for rows in plan.splits.values() for r in rows], params)
     by_hash: dict[str, list[dict[str, str]]] = defaultdict(list)
-    for row in kept:
-        if not any(row is r for r in near):
-            by_hash[row["sha256"]].append(row)
-    return (_near_groups(near, distance) if near else []) + list(by_hash.values())
+    for row in exact:
+        by_hash[row["sha256"]].append(row)
+    near_groups = _near_groups(near, params.clean.near_duplicate_distance) if near else []
+    return near_groups + list(by_hash.values())
 
 
 def _check_splits(plans: dict[str, _Task], counts: dict[str, dict[str, Any]], params: Params) -> list[dict[str, Any]]:

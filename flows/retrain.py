@@ -54,33 +54,29 @@ def default_remote(root: Path) -> str | None:
     return done.stdout.strip() or None if done.returncode == 0 else None
 
 
-@task(cache_policy=NO_CACHE, **REMOTE_RETRIES)
-def dvc_pull(root: Path) -> str:
+def _sync(root: Path, args: list[str], verb: str) -> str:
+    """`dvc pull` or `dvc push` against the default remote; with no remote configured, log it and go on."""
     logger = get_run_logger()
     remote = default_remote(root)
     if remote is None:
-        logger.info("no default DVC remote (dvc remote add -d NAME URL): nothing to pull, using the local cache")
+        logger.info("no default DVC remote (dvc remote add -d NAME URL): no dvc %s, the local cache only", args[0])
         return "no remote"
-    # --allow-missing: outputs never pushed yet (a first run) are rebuilt, not an error.
-    done = dvc(["pull", "--allow-missing"], root)
+    done = dvc(args, root)
     if done.returncode != 0:
-        raise RuntimeError(f"dvc pull from {remote} failed (retried with backoff):\n{_tail(done)}")
-    logger.info("pulled from %s", remote)
+        raise RuntimeError(f"dvc {args[0]} with {remote} failed (retried with backoff):\n{_tail(done)}")
+    logger.info("%s %s", verb, remote)
     return remote
+
+
+@task(cache_policy=NO_CACHE, **REMOTE_RETRIES)
+def dvc_pull(root: Path) -> str:
+    # --allow-missing: outputs never pushed yet (a first run) are rebuilt, not an error.
+    return _sync(root, ["pull", "--allow-missing"], "pulled from")
 
 
 @task(cache_policy=NO_CACHE, **REMOTE_RETRIES)
 def dvc_push(root: Path) -> str:
-    logger = get_run_logger()
-    remote = default_remote(root)
-    if remote is None:
-        logger.info("no default DVC remote: nothing pushed")
-        return "no remote"
-    done = dvc(["push"], root)
-    if done.returncode != 0:
-        raise RuntimeError(f"dvc push to {remote} failed (retried with backoff):\n{_tail(done)}")
-    logger.info("pushed to %s", remote)
-    return remote
+    return _sync(root, ["push"], "pushed to")
 
 
 def _repro(args: list[str], root: Path) -> list[str]:
