@@ -53,8 +53,13 @@ def cache_bytecode(directory: Path | None) -> None:
 def bytecode_note() -> str:
     if _BYTECODE:
         return f"bytecode cached in {_BYTECODE['PYTHONPYCACHEPREFIX']} (warmed before timing)"
+    import importlib.util
+
+    # A venv made by `make` (UV_COMPILE_BYTECODE=1) holds compiled bytecode beside every module.
+    compiled = any((Path(importlib.util.find_spec("keras").origin).parent / "__pycache__").glob("*.pyc"))
     state = "set" if os.environ.get("PYTHONDONTWRITEBYTECODE") else "not set"
-    return f"bytecode as the environment has it (PYTHONDONTWRITEBYTECODE {state})"
+    return (f"venv {'compiled to bytecode at install' if compiled else 'without compiled bytecode'} "
+            f"(PYTHONDONTWRITEBYTECODE {state})")
 
 
 def with_overrides(raw: dict, overrides: dict[str, object]) -> dict:

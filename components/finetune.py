@@ -18,7 +18,7 @@ from components.config import FinetuneParams, Params
 from components.dataset import Split, load_split
 from components.models import BACKBONE_NAME, MODEL_FILE, load_model_dir, save_model_dir
 from components.training import (
-    Augment, Checkpoint, FitResult, Recipe, accelerators, data_parallel, evaluate, fit, open_curves,
+    Augment, Checkpoint, Curves, FitResult, Recipe, accelerators, data_parallel, evaluate, fit,
     resolve_precision, with_precision,
 )
 
@@ -81,36 +81,33 @@ def run(params: Params) -> FinetuneResult:
         log.info("fine-tuning on %d images of %d classes (backend %s, %s, %d replica(s), accelerators: %s)",
                  len(train), len(classes), keras.backend.backend(), policy, max(len(devices), 1),
                  accelerators() or "none")
-        live = open_curves(params.paths.training_curves / "finetune", resume=resuming)
+        curves = Curves(params.paths.training_curves / "finetune", resume=resuming)
         phases = {name: FitResult(**{k: tuple(v) if isinstance(v, list) else v for k, v in result.items()})
                   for name, result in checkpoint.context.get("phases", {}).items()}
-        common = dict(batch_size=cfg.batch_size, patience=cfg.patience, live=live, recipe=recipe(cfg),
+        common = dict(batch_size=cfg.batch_size, patience=cfg.patience, curves=curves, recipe=recipe(cfg),
                       checkpoint=checkpoint, seed=params.seed)
-        try:
-            if cfg.head_epochs and "head" not in phases:
-                phases["head"] = fit(trainee, train, val, phase="head", epochs=cfg.head_epochs,
-                                     learning_rate=cfg.head_learning_rate, **common)
-                checkpoint.context["phases"] = {name: asdict(result) for name, result in phases.items()}
-            kept = "head" if cfg.head_epochs else "transferred"
-            if "head" in checkpoint.context_arrays:  # resumed in phase 2: the head phase's result, saved
-                best_loss, best_weights = checkpoint.context["head_loss"], checkpoint.context_arrays["head"]
+        if cfg.head_epochs and "head" not in phases:
+            phases["head"] = fit(trainee, train, val, phase="head", epochs=cfg.head_epochs,
+                                 learning_rate=cfg.head_learning_rate, **common)
+            checkpoint.context["phases"] = {name: asdict(result) for name, result in phases.items()}
+        kept = "head" if cfg.head_epochs else "transferred"
+        if "head" in checkpoint.context_arrays:  # resumed in phase 2: the head phase's result, saved
+            best_loss, best_weights = checkpoint.context["head_loss"], checkpoint.context_arrays["head"]
+        else:
+            best_loss, best_weights = evaluate(trainee, val)["loss"], trainee.get_weights()
+            checkpoint.context["head_loss"], checkpoint.context_arrays["head"] = best_loss, best_weights
+        unfrozen = unfreeze_top(trainee, cfg.unfreeze_top) if cfg.epochs else []
+        if unfrozen:
+            log.info("unfreezing %d backbone layers: %s", len(unfrozen), ", ".join(unfrozen))
+            phases["unfrozen"] = fit(trainee, train, val, phase="unfrozen", epochs=cfg.epochs,
+                                     learning_rate=cfg.learning_rate, **common)
+            loss = evaluate(trainee, val)["loss"]
+            if loss <= best_loss:
+                kept, best_loss = "unfrozen", loss
             else:
-                best_loss, best_weights = evaluate(trainee, val)["loss"], trainee.get_weights()
-                checkpoint.context["head_loss"], checkpoint.context_arrays["head"] = best_loss, best_weights
-            unfrozen = unfreeze_top(trainee, cfg.unfreeze_top) if cfg.epochs else []
-            if unfrozen:
-                log.info("unfreezing %d backbone layers: %s", len(unfrozen), ", ".join(unfrozen))
-                phases["unfrozen"] = fit(trainee, train, val, phase="unfrozen", epochs=cfg.epochs,
-                                         learning_rate=cfg.learning_rate, **common)
-                loss = evaluate(trainee, val)["loss"]
-                if loss <= best_loss:
-                    kept, best_loss = "unfrozen", loss
-                else:
-                    log.info("unfreezing did not lower validation loss (%.4f > %.4f): keeping the head-phase "
-                             "weights", loss, best_loss)
-                    trainee.set_weights(best_weights)
-        finally:
-            live.end()
+                log.info("unfreezing did not lower validation loss (%.4f > %.4f): keeping the head-phase "
+                         "weights", loss, best_loss)
+                trainee.set_weights(best_weights)
         if trainee is not model:  # the float32 original is what gets saved and exported
             unfreeze_top(model, cfg.unfreeze_top if unfrozen else 0)
             model.set_weights(trainee.get_weights())

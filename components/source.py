@@ -14,7 +14,7 @@ from components.dataset import load_split
 from components.download import cache_dir_from, fetch, fetch_imagenet
 from components.errors import PipelineError
 from components.models import build_model, load_keras_file, save_model_dir, uses_application
-from components.training import accuracy, fit, open_curves
+from components.training import Curves, accuracy, fit
 
 log = logging.getLogger(__name__)
 
@@ -36,14 +36,11 @@ def _train(params: Params) -> tuple[keras.Model, tuple[str, ...], dict]:
     keras.utils.set_random_seed(params.seed)
     model = build_model(params.model, params.data, len(train.classes), bn_inference=False)
     log.info("training the source model on %d images of %d classes", len(train), len(train.classes))
-    live = open_curves(params.paths.training_curves / "source")
-    try:
-        result = fit(
-            model, train, val, phase="source", epochs=cfg.epochs, batch_size=cfg.batch_size,
-            learning_rate=cfg.learning_rate, patience=cfg.patience, live=live,
-        )
-    finally:
-        live.end()
+    result = fit(
+        model, train, val, phase="source", epochs=cfg.epochs, batch_size=cfg.batch_size,
+        learning_rate=cfg.learning_rate, patience=cfg.patience,
+        curves=Curves(params.paths.training_curves / "source"),
+    )
     report = {
         "epochs_run": result.epochs_run,
         "best_epoch": result.best_epoch,

@@ -19,7 +19,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from components.artifacts import atomic_dir
+from components.artifacts import atomic_dir, write_text
 from components.dataset import Split
 
 log = logging.getLogger(__name__)
@@ -119,29 +119,75 @@ class Checkpoint:
             (temp / STATE_FILE).write_text(json.dumps({"fingerprint": self.fingerprint, "finished": True}) + "\n")
 
 
-class _Progress(keras.callbacks.Callback):
-    """One log line per epoch, and the curves to dvclive (so `dvc plots show` draws them)."""
+class Curves:
+    """Training curves as TSV files, one per metric (`step<TAB>value`), the layout dvclive writes.
 
-    def __init__(self, phase: str, epochs: int, live: object | None) -> None:
+    dvc.yaml's `plots` section points `dvc plots show` at them. Written directly, not through
+    dvclive: its `Live()` imports DVC and opens the repository, measured at 1-11 s a stage
+    (docs/benchmarks.md). Each file is rewritten whole after an epoch, so a kill never leaves a
+    half-written row; a resumed run continues the curves where they stopped.
+    """
+
+    KEYS = ("loss", "accuracy", "val_loss", "val_accuracy")
+
+    def __init__(self, directory: Path, resume: bool = False) -> None:
+        self.folder = Path(directory) / "plots" / "metrics"
+        self.rows: dict[str, list[str]] = {key: [] for key in self.KEYS}
+        for key in self.KEYS:
+            path = self.folder / f"{key}.tsv"
+            if resume and path.is_file():
+                self.rows[key] = path.read_text().splitlines()[1:]
+            else:  # a fresh run's curves never carry an older run's rows
+                path.unlink(missing_ok=True)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.step = max(len(rows) for rows in self.rows.values())
+
+    def log(self, logs: dict) -> None:
+        for key in self.KEYS:
+            if key in logs:
+                self.rows[key].append(f"{self.step}\t{float(logs[key])}")
+                write_text(self.folder / f"{key}.tsv", "\n".join([f"step\t{key}", *self.rows[key]]) + "\n")
+        self.step += 1
+
+
+class _Epochs(keras.callbacks.Callback):
+    """After each epoch: a log line, the curves, early stopping, best weights and the checkpoint.
+
+    One `fit` call runs the whole phase with this callback: a `fit` per epoch would rebuild the
+    data pipeline and validation iterator every epoch (measured in docs/benchmarks.md).
+    """
+
+    def __init__(self, *, model: keras.Model, optimizer_of: keras.Model, phase: str, epochs: int, patience: int,
+                 state: dict, best: list[np.ndarray], curves: Curves | None, checkpoint: Checkpoint | None) -> None:
         super().__init__()
-        self.phase, self.epochs, self.live, self.epoch = phase, epochs, live, 0
+        self.saved, self.optimizer_of, self.phase, self.epochs, self.patience = model, optimizer_of, phase, epochs, patience
+        self.state, self.best, self.curves, self.checkpoint = state, best, curves, checkpoint
+        history = state["history"]
+        self.offset = history["elapsed"][-1] if history["elapsed"] else 0.0
+        self.started = time.perf_counter()
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        logs = logs or {}
+        logs, state, history = logs or {}, self.state, self.state["history"]
+        state["epoch"] = epoch + 1
         shown = "  ".join(f"{key} {value:.4f}" for key, value in sorted(logs.items()) if key != "learning_rate")
-        log.info("%s epoch %d/%d  %s", self.phase, self.epoch, self.epochs, shown)
-        if self.live is not None:
-            for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
-                if key in logs:
-                    self.live.log_metric(key, float(logs[key]))
-            self.live.next_step()
-
-
-def open_curves(directory: Path, resume: bool = False) -> object:
-    """A dvclive logger writing TSV curves under `directory`, leaving dvc.yaml and experiments alone."""
-    from dvclive import Live
-
-    return Live(str(directory), dvcyaml=False, save_dvc_exp=False, report=None, resume=resume)
+        log.info("%s epoch %d/%d  %s", self.phase, state["epoch"], self.epochs, shown)
+        if self.curves is not None:
+            self.curves.log(logs)
+        for key in ("loss", "val_loss", "val_accuracy"):
+            history[key].append(float(logs[key]))
+        history["elapsed"].append(round(self.offset + time.perf_counter() - self.started, 3))
+        if history["val_loss"][-1] < state["best_loss"]:
+            state.update(best_loss=history["val_loss"][-1], best_epoch=state["epoch"], wait=0)
+            self.best = self.saved.get_weights()
+        else:
+            state["wait"] += 1
+            if state["wait"] >= self.patience:
+                state["stopped"] = self.model.stop_training = True
+                log.info("%s: early stop after epoch %d (best: epoch %d)", self.phase, state["epoch"],
+                         state["best_epoch"])
+        if self.checkpoint is not None:
+            self.checkpoint.save(state, {"weights": self.saved.get_weights(), "best": self.best,
+                                         "optimizer": _optimizer_values(self.optimizer_of)})
 
 
 class _ToPixels(keras.layers.Layer):
@@ -238,7 +284,7 @@ def fit(
     batch_size: int,
     learning_rate: float,
     patience: int,
-    live: object | None = None,
+    curves: Curves | None = None,
     recipe: Recipe | None = None,
     checkpoint: Checkpoint | None = None,
     seed: int = 0,
@@ -273,31 +319,16 @@ def fit(
         resumed = state["epoch"]
         log.info("%s: resuming after epoch %d of %d from the checkpoint in %s", phase, resumed, epochs,
                  checkpoint.directory)
-    progress = _Progress(phase, epochs, live)
-    history = state["history"]
-    offset = history["elapsed"][-1] if history["elapsed"] else 0.0
-    started = time.perf_counter()
-    while state["epoch"] < epochs and not state["stopped"]:
-        # Seeded per epoch: a resumed run shuffles and augments like an uninterrupted one would.
+    epochs_done = _Epochs(model=model, optimizer_of=trainer, phase=phase, epochs=epochs, patience=patience,
+                          state=state, best=best, curves=curves, checkpoint=checkpoint)
+    if state["epoch"] < epochs and not state["stopped"]:
+        # Seeded by phase and starting epoch: the same inputs train the same way (a resumed run is
+        # seeded by its own starting epoch, so it is close to, not bit-identical with, an unbroken one).
         keras.utils.set_random_seed(seed + 1000 * (phase != "head") + state["epoch"])
-        progress.epoch = state["epoch"] + 1
-        logs = trainer.fit(x_train, y_train, validation_data=(val.x, y_val), batch_size=batch_size, epochs=1,
-                           shuffle=True, verbose=0, class_weight=weights, callbacks=[progress]).history
-        state["epoch"] += 1
-        for key in ("loss", "val_loss", "val_accuracy"):
-            history[key].append(float(logs[key][-1]))
-        history["elapsed"].append(round(offset + time.perf_counter() - started, 3))
-        if history["val_loss"][-1] < state["best_loss"]:
-            state.update(best_loss=history["val_loss"][-1], best_epoch=state["epoch"], wait=0)
-            best = model.get_weights()
-        else:
-            state["wait"] += 1
-            if state["wait"] >= patience:
-                state["stopped"] = True
-                log.info("%s: early stop after epoch %d (best: epoch %d)", phase, state["epoch"], state["best_epoch"])
-        if checkpoint is not None:
-            checkpoint.save(state, {"weights": model.get_weights(), "best": best,
-                                    "optimizer": _optimizer_values(trainer)})
+        trainer.fit(x_train, y_train, validation_data=(val.x, y_val), batch_size=batch_size,
+                    initial_epoch=state["epoch"], epochs=epochs, shuffle=True, verbose=0, class_weight=weights,
+                    callbacks=[epochs_done])
+    best, history = epochs_done.best, state["history"]
     model.set_weights(best)
     seconds = history["elapsed"][-1] if history["elapsed"] else 0.0
     epochs_run = len(history["val_loss"])
@@ -314,15 +345,20 @@ def fit(
     )
 
 
-def evaluate(model: keras.Model, split: Split) -> dict[str, float]:
-    """Loss and accuracy as training measures them (one-hot, no smoothing)."""
-    model.compile(loss="categorical_crossentropy", metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")])
-    return model.evaluate(split.x, one_hot(split), verbose=0, return_dict=True)
+def evaluate(model: keras.Model, split: Split, batch_size: int = 256) -> dict[str, float]:
+    """Loss and accuracy as training measures them (cross-entropy on one-hot labels, no smoothing).
+
+    From `predict`, not `model.evaluate`: evaluate needs a `compile`, which throws away the model's
+    traced functions, so each call traced a new one (measured: about 8 s a finetune run on busy cores).
+    """
+    probabilities = model.predict(split.x, batch_size=batch_size, verbose=0).astype("float64")
+    # Keras clips probabilities to [epsilon, 1 - epsilon] before the log; so does this.
+    chosen = np.clip(probabilities[np.arange(len(split)), split.y], keras.config.epsilon(), 1 - keras.config.epsilon())
+    return {"loss": float(-np.log(chosen).mean()), "accuracy": float((probabilities.argmax(axis=1) == split.y).mean())}
 
 
 def accuracy(model: keras.Model, split: Split, batch_size: int = 256) -> float:
-    predicted = model.predict(split.x, batch_size=batch_size, verbose=0).argmax(axis=1)
-    return float((predicted == split.y).mean())
+    return evaluate(model, split, batch_size)["accuracy"]
 
 
 # Accelerators -----------------------------------------------------------------------------------
