@@ -102,7 +102,10 @@ def make_repo(dest: Path, overrides: dict[str, object] | None = None, ref: str |
 
 
 def init_repo(root: Path) -> None:
-    for command in (["git", "init", "-q"], ["dvc", "init", "-q"], ["git", "add", "-A"],
+    # Analytics off, as the project's own .dvc/config has it: else every dvc command leaves a
+    # detached analytics process behind, competing for the cores with what is measured next.
+    for command in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "config", "core.analytics", "false"],
+                    ["git", "add", "-A"],
                     ["git", "-c", "user.email=b@b", "-c", "user.name=bench", "commit", "-qm", "bench"]):
         subprocess.run(command, cwd=root, env=env(), check=True, capture_output=True)
 

@@ -188,6 +188,9 @@ def main() -> None:
                                 ("unfrozen", ft["epochs"], ft["learning_rate"])):
         if phase == "unfrozen":
             base.trainable = True
+        if not epochs:  # a phase switched off in params.yaml (head_epochs: 0), as the stage skips it
+            report[phase] = {"epochs": 0, "seconds": 0.0, "images_per_second": 0.0}
+            continue
         report[phase] = train(trainer, train_xy, target_val, epochs, batch,
                               cosine(rate, ft["warmup_epochs"], epochs, steps, ft["cosine_decay"]), ft["patience"],
                               ft["label_smoothing"], weights)

@@ -20,6 +20,7 @@ from pathlib import Path
 import harness
 
 FRAME = re.compile(r"^(?P<func>.+?) \((?P<file>[^()]*?)(?::\d+)?\)$")
+PROCESS = re.compile(r'^process \d+:"(?P<command>.*)"$')
 OWN = {"components", "flows", "bench"}
 
 
@@ -46,6 +47,15 @@ def imported_package(frames: list[str]) -> str | None:
                 return top
             own = own or top
     return own
+
+
+def process_name(frames: list[str]) -> str:
+    """The innermost process of a stack (py-spy --subprocesses prefixes one frame per process), shortened."""
+    commands = [match["command"] for f in frames if (match := PROCESS.match(f))]
+    if not commands:
+        return "(main process)"
+    words = [Path(w).name if "/" in w else w for w in commands[-1].split()]
+    return " ".join(words[1:] if words[0].startswith("python") else words)
 
 
 def function(frame: str) -> str:
@@ -76,10 +86,14 @@ def main() -> None:
                     if any(f.startswith("SourceLoader.source_to_code") for f in frames))
     imports: collections.Counter[str] = collections.Counter()
     inclusive: collections.Counter[str] = collections.Counter()
+    per_process: collections.Counter[str] = collections.Counter()
+    importing_per_process: collections.Counter[str] = collections.Counter()
     for frames, count in stacks:
         package = imported_package(frames)
+        per_process[process_name(frames)] += count
         if package:
             imports[package] += count
+            importing_per_process[process_name(frames)] += count
             continue
         for name in dict.fromkeys(function(f) for f in frames):  # once per stack: inclusive time
             inclusive[name] += count
@@ -91,7 +105,11 @@ def main() -> None:
     print(harness.table(("importing (top-level package)", "share of samples"),
                         [(name, f"{count / total:.1%}") for name, count in imports.most_common(args.top)]))
     print()
-    frames = [(f, c) for f, c in inclusive.most_common(args.top * 4) if not f.startswith("<module>")][: args.top]
+    print(harness.table(("process", "share of samples", "of which importing", "seconds at the sampling rate"),
+                        [(f"`{name[:80]}`", f"{count / total:.1%}", f"{importing_per_process[name] / count:.0%}",
+                          f"{count / args.rate:.1f}") for name, count in per_process.most_common(args.top)]))
+    print()
+    frames = [(f, c) for f, c in inclusive.most_common(args.top * 4) if not f.startswith(("<module>", "process "))][: args.top]
     print(harness.table(("function, outside imports (inclusive)", "share of samples"),
                         [(f"`{name[:110]}`", f"{count / total:.1%}") for name, count in frames]))
 

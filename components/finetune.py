@@ -81,9 +81,10 @@ def run(params: Params) -> FinetuneResult:
         log.info("fine-tuning on %d images of %d classes (backend %s, %s, %d replica(s), accelerators: %s)",
                  len(train), len(classes), keras.backend.backend(), policy, max(len(devices), 1),
                  accelerators() or "none")
-        curves = Curves(params.paths.training_curves / "finetune", resume=resuming)
         phases = {name: FitResult(**{k: tuple(v) if isinstance(v, list) else v for k, v in result.items()})
                   for name, result in checkpoint.context.get("phases", {}).items()}
+        epochs_done = sum(p.epochs_run for p in phases.values()) + (checkpoint.state or {}).get("epoch", 0)
+        curves = Curves(params.paths.training_curves / "finetune", resume_at=epochs_done)
         common = dict(batch_size=cfg.batch_size, patience=cfg.patience, curves=curves, recipe=recipe(cfg),
                       checkpoint=checkpoint, seed=params.seed)
         if cfg.head_epochs and "head" not in phases:

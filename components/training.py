@@ -130,17 +130,19 @@ class Curves:
 
     KEYS = ("loss", "accuracy", "val_loss", "val_accuracy")
 
-    def __init__(self, directory: Path, resume: bool = False) -> None:
+    def __init__(self, directory: Path, resume_at: int = 0) -> None:
+        """`resume_at`: the epochs a resumed run's checkpoint holds; their rows are kept, any later
+        row (an epoch that ran after the last checkpoint) is dropped, as that epoch runs again."""
         self.folder = Path(directory) / "plots" / "metrics"
         self.rows: dict[str, list[str]] = {key: [] for key in self.KEYS}
         for key in self.KEYS:
             path = self.folder / f"{key}.tsv"
-            if resume and path.is_file():
-                self.rows[key] = path.read_text().splitlines()[1:]
+            if resume_at and path.is_file():
+                self.rows[key] = path.read_text().splitlines()[1 : resume_at + 1]
             else:  # a fresh run's curves never carry an older run's rows
                 path.unlink(missing_ok=True)
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.step = max(len(rows) for rows in self.rows.values())
+        self.step = resume_at
 
     def log(self, logs: dict) -> None:
         for key in self.KEYS:
