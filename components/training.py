@@ -1,8 +1,8 @@
 """The training machinery that source training and fine-tuning share: the recipe, early stopping, checkpoints, curves.
 
 Keras APIs only, fed from numpy arrays, so the same code runs on the TensorFlow, JAX or torch backend.
-Training runs one epoch per `model.fit` call, so that after every epoch the whole state (weights,
-optimizer, early-stopping counters) can be checkpointed and a killed run resumed where it stopped.
+Training runs one `model.fit` call per phase; a callback checkpoints the whole state after every
+epoch (weights, optimizer, early-stopping counters), so a killed run resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -321,7 +321,7 @@ def fit(
         resumed = state["epoch"]
         log.info("%s: resuming after epoch %d of %d from the checkpoint in %s", phase, resumed, epochs,
                  checkpoint.directory)
-    epochs_done = _Epochs(model=model, optimizer_of=trainer, phase=phase, epochs=epochs, patience=patience,
+    after_epoch = _Epochs(model=model, optimizer_of=trainer, phase=phase, epochs=epochs, patience=patience,
                           state=state, best=best, curves=curves, checkpoint=checkpoint)
     if state["epoch"] < epochs and not state["stopped"]:
         # Seeded by phase and starting epoch: the same inputs train the same way (a resumed run is
@@ -329,8 +329,8 @@ def fit(
         keras.utils.set_random_seed(seed + 1000 * (phase != "head") + state["epoch"])
         trainer.fit(x_train, y_train, validation_data=(val.x, y_val), batch_size=batch_size,
                     initial_epoch=state["epoch"], epochs=epochs, shuffle=True, verbose=0, class_weight=weights,
-                    callbacks=[epochs_done])
-    best, history = epochs_done.best, state["history"]
+                    callbacks=[after_epoch])
+    best, history = after_epoch.best, state["history"]
     model.set_weights(best)
     seconds = history["elapsed"][-1] if history["elapsed"] else 0.0
     epochs_run = len(history["val_loss"])

@@ -41,3 +41,33 @@ def test_the_cli_imports_nothing_heavy_before_it_dispatches() -> None:
 def test_listing_the_stages_imports_no_stage() -> None:
     loaded = loaded_after("from components.cli import main\nmain(['stages'])")
     assert not loaded, f"`tlpipe stages` imports {sorted(loaded)}"
+
+
+def test_the_tlpipe_command_ends_a_stage_early_with_its_outputs_and_log_complete(tmp_path) -> None:
+    """`tlpipe stage` skips Python's teardown (components.cli._exit_now); nothing it wrote may be lost."""
+    from pathlib import Path
+
+    from components.cli import main
+    import shutil
+
+    from tests.conftest import write_shrunk_params_yaml
+
+    shutil.copy(REPO / "dvc.yaml", tmp_path)  # the CLI finds its stages there
+    params_yaml = write_shrunk_params_yaml(tmp_path / "params.yaml")
+    tlpipe = Path(sys.executable).parent / "tlpipe"
+    result = subprocess.run([str(tlpipe), "stage", "ingest", "--params", str(params_yaml)], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "tlpipe: ingest: done" in result.stderr.splitlines()[-1]  # the last log line, flushed before the exit
+    raw = tmp_path / "data" / "raw"
+    record = json.loads((raw / ".ingest.json").read_text())
+    for task, count in record["images"].items():
+        assert len(list((raw / task).rglob("*.png"))) == count > 0
+
+    # An error still exits 1 with its message, the normal way.
+    failed = subprocess.run([str(tlpipe), "stage", "ingest", "--params", str(tmp_path / "missing.yaml")],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert failed.returncode == 1 and "missing.yaml not found" in failed.stderr
+
+    # Called as a function, main() returns: only the tlpipe command ends its own process early.
+    assert main(["stage", "ingest", "--params", str(params_yaml)]) == 0
