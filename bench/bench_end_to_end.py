@@ -10,7 +10,10 @@ evaluation of the same digits with the same model, recipe and epochs, nothing el
 (interpreter start to exit), peak RSS of the largest process, test accuracy and epochs run of
 each side, the ratio per run and its median; and, from the stage log's timestamps, how the
 pipeline's time splits over its stages (second resolution).
---quick: 3 epochs per training phase on both sides (the default trains 15 + 15 + 20), gates at 0.
+--quick: 3 epochs per training phase on both sides, gates at 0.
+--same-epochs: early stopping off on both sides (patience = epochs), so both train exactly the
+configured epochs; with it on, each side stops where its own validation split says, and the two
+splits hold different images (content hash vs scikit-learn's splitter).
 """
 
 from __future__ import annotations
@@ -47,10 +50,19 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="3 epochs per training phase on both sides")
     parser.add_argument("--ref", help="benchmark this commit instead of the working tree")
+    parser.add_argument("--same-epochs", action="store_true", help="no early stopping on either side")
     parser.add_argument("--pycache", type=Path, help="cache compiled bytecode here (see harness.cache_bytecode)")
     args = parser.parse_args()
     harness.cache_bytecode(args.pycache)
-    overrides = QUICK if args.quick else {}
+    overrides = dict(QUICK) if args.quick else {}
+    if args.same_epochs:
+        import yaml
+
+        base = yaml.safe_load((harness.REPO / "params.yaml").read_text())
+        source_epochs = overrides.get("source.epochs", base["source"]["epochs"])
+        finetune_epochs = max(overrides.get("finetune.head_epochs", base["finetune"]["head_epochs"]),
+                              overrides.get("finetune.epochs", base["finetune"]["epochs"]))
+        overrides.update({"source.patience": source_epochs, "finetune.patience": finetune_epochs})
     print(harness.header("End to end: `dvc repro` from a clean state vs a plain Keras script"))
     rows, ratios, stages = [], [], []
     plain_script = str(Path(__file__).with_name("plain_keras.py"))
