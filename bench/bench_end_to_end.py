@@ -47,11 +47,9 @@ def stage_seconds(log: str, started: datetime.datetime) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=3)
+    harness.add_common_arguments(parser)
     parser.add_argument("--quick", action="store_true", help="3 epochs per training phase on both sides")
-    parser.add_argument("--ref", help="benchmark this commit instead of the working tree")
     parser.add_argument("--same-epochs", action="store_true", help="no early stopping on either side")
-    parser.add_argument("--pycache", type=Path, help="cache compiled bytecode here (see harness.cache_bytecode)")
     args = parser.parse_args()
     harness.cache_bytecode(args.pycache)
     overrides = dict(QUICK) if args.quick else {}

@@ -49,12 +49,11 @@ def generate(root: Path, per_class: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    harness.add_common_arguments(parser, runs=False)
     parser.add_argument("--scales", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--base", type=int, default=180, help="images per class at 1x")
     parser.add_argument("--epochs", type=int, default=1, help="epochs of every training phase")
     parser.add_argument("--dir", type=Path, default=Path("/tmp/tlpipe-growth"), help="generated images, kept")
-    parser.add_argument("--ref", help="benchmark this commit instead of the working tree")
-    parser.add_argument("--pycache", type=Path, help="cache compiled bytecode here (see harness.cache_bytecode)")
     args = parser.parse_args()
     harness.cache_bytecode(args.pycache)
     print(harness.header("Growth: the whole pipeline at growing data"))

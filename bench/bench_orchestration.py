@@ -116,15 +116,13 @@ def prefect(temp: Path, runs: int, overrides: dict, upto: str, ref: str | None) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=3)
+    harness.add_common_arguments(parser)
     parser.add_argument("--quick", action="store_true", help="1 training epoch per phase (the no-op and the "
                                                                 "orchestration cost do not depend on it)")
     parser.add_argument("--prefect", action="store_true", help="also compare the Prefect flow with dvc repro")
     parser.add_argument("--no-noop", action="store_true", help="skip the no-op comparison")
     parser.add_argument("--upto", default="export", help="the last stage of the Prefect comparison (default: all)")
-    parser.add_argument("--ref", help="benchmark this commit instead of the working tree")
     parser.add_argument("--keep", type=Path, help="the no-op's pipeline repository: set up here, or reused")
-    parser.add_argument("--pycache", type=Path, help="cache compiled bytecode here (see harness.cache_bytecode)")
     args = parser.parse_args()
     harness.cache_bytecode(args.pycache)
     overrides = QUICK if args.quick else {}

@@ -88,10 +88,8 @@ def run_table(ref: str | None) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=3)
+    harness.add_common_arguments(parser, pycache_help="also measure with compiled bytecode cached here")
     parser.add_argument("--run", action="store_true", help="also run each stage once and list what it loaded")
-    parser.add_argument("--ref", help="benchmark this commit instead of the working tree")
-    parser.add_argument("--pycache", type=Path, help="also measure with compiled bytecode cached here")
     args = parser.parse_args()
     print(harness.header("Start-up: import time per entry point"))
     with tempfile.TemporaryDirectory(prefix="tlpipe-startup-") as temp:

@@ -109,10 +109,8 @@ def measure(side: str, root: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=3)
+    harness.add_common_arguments(parser)
     parser.add_argument("--quick", action="store_true", help="3 + 3 fine-tuning epochs, 1 source epoch")
-    parser.add_argument("--ref", help="benchmark this commit instead of the working tree")
-    parser.add_argument("--pycache", type=Path, help="cache compiled bytecode here (see harness.cache_bytecode)")
     parser.add_argument("--keep", type=Path, help="set up (or reuse) the repository here and keep it")
     parser.add_argument("--side", choices=("stage", "plain"), help=argparse.SUPPRESS)  # internal: one measurement
     parser.add_argument("--repo", type=Path, help=argparse.SUPPRESS)

@@ -6,6 +6,7 @@ in a temporary folder holding a copy of components/, flows/, dvc.yaml and params
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import os
 import platform
@@ -50,6 +51,15 @@ def cache_bytecode(directory: Path | None) -> None:
     subprocess.run([sys.executable, "-c", WARM_UP], env=env(), check=True, capture_output=True)
 
 
+def add_common_arguments(parser: argparse.ArgumentParser, runs: bool = True,
+                         pycache_help: str = "cache compiled bytecode here (see harness.cache_bytecode)") -> None:
+    """The flags every benchmark takes: --runs (median of N), --ref, --pycache."""
+    if runs:
+        parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--ref", help="benchmark this commit instead of the working tree")
+    parser.add_argument("--pycache", type=Path, help=pycache_help)
+
+
 def bytecode_note() -> str:
     if _BYTECODE:
         return f"bytecode cached in {_BYTECODE['PYTHONPYCACHEPREFIX']} (warmed before timing)"
@@ -60,18 +70,6 @@ def bytecode_note() -> str:
     state = "set" if os.environ.get("PYTHONDONTWRITEBYTECODE") else "not set"
     return (f"venv {'compiled to bytecode at install' if compiled else 'without compiled bytecode'} "
             f"(PYTHONDONTWRITEBYTECODE {state})")
-
-
-def with_overrides(raw: dict, overrides: dict[str, object]) -> dict:
-    for dotted, value in overrides.items():
-        *parents, leaf = dotted.split(".")
-        section = raw
-        for part in parents:
-            section = section[part]
-        if leaf not in section:
-            raise KeyError(f"params.yaml has no {dotted}")
-        section[leaf] = value
-    return raw
 
 
 PROJECT_FILES = ("components", "flows", "dvc.yaml", ".gitignore", "params.yaml")
@@ -96,7 +94,9 @@ def make_repo(dest: Path, overrides: dict[str, object] | None = None, ref: str |
             else:
                 shutil.copy(REPO / name, dest / name)
     raw = yaml.safe_load((dest / "params.yaml").read_text())
-    (dest / "params.yaml").write_text(yaml.safe_dump(with_overrides(raw, overrides or {}), sort_keys=False))
+    from components.config import set_dotted  # the checkout's, also when a --side process runs an older copy
+
+    (dest / "params.yaml").write_text(yaml.safe_dump(set_dotted(raw, overrides or {}), sort_keys=False))
     init_repo(dest)
     return dest
 

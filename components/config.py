@@ -242,17 +242,22 @@ def load_params(path: Path = DEFAULT_PARAMS, root: Path | None = None) -> Params
     return params.resolve(root if root is not None else path.parent)
 
 
-def with_overrides(params: Params, overrides: dict[str, object]) -> Params:
-    """A re-validated copy with dotted keys replaced, e.g. {"finetune.epochs": 1}."""
-    raw = params.model_dump(by_alias=True, mode="json")
+def set_dotted(raw: dict, overrides: dict[str, object]) -> dict:
+    """Replace dotted keys, e.g. {"finetune.epochs": 1}, in a params mapping (in place; returned)."""
     for dotted, value in overrides.items():
         *parents, leaf = dotted.split(".")
         section = raw
         for part in parents:
-            section = section[part]
-        if leaf not in section:
+            section = section.get(part) if isinstance(section, dict) else None
+        if not isinstance(section, dict) or leaf not in section:
             raise PipelineError(f"unknown key '{dotted}'")
         section[leaf] = value
+    return raw
+
+
+def with_overrides(params: Params, overrides: dict[str, object]) -> Params:
+    """A re-validated copy with dotted keys replaced, e.g. {"finetune.epochs": 1}."""
+    raw = set_dotted(params.model_dump(by_alias=True, mode="json"), overrides)
     try:
         return Params.model_validate(raw)
     except ValidationError as error:

@@ -34,6 +34,7 @@ from components.config import Params
 from components.dataset import Split, load_split
 from components.errors import PipelineError
 from components.evaluate import compute_metrics
+from components.images import sha256_file
 from components.predict import OnnxModel
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ def score(model_path: Path, test: Split) -> dict[str, Any]:
     metrics = compute_metrics(test.y, probabilities.argmax(axis=1), test.classes)
     return {
         "path": str(model_path),
-        "sha256": hashlib.sha256(Path(model_path).read_bytes()).hexdigest(),
+        "sha256": sha256_file(model_path),
         "labels": model.labels,
         "metrics": metrics,
     }
@@ -230,7 +231,7 @@ def _model_card(params: Params, lineage: dict[str, Any]) -> str:
     """The export bundle's card for this exact model (when the bundle holds it), then the lineage."""
     card = "# Model card: tlpipe image classifier\n"
     bundle = params.paths.bundle
-    if (bundle / MODEL_FILE).is_file() and hashlib.sha256((bundle / MODEL_FILE).read_bytes()).hexdigest() == lineage["onnx_sha256"]:
+    if (bundle / MODEL_FILE).is_file() and sha256_file(bundle / MODEL_FILE) == lineage["onnx_sha256"]:
         card = (bundle / CARD_FILE).read_text()
     code = lineage["code"]
     data = lineage["dvc"].get("data") or {}

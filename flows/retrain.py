@@ -130,13 +130,12 @@ def promote(params: Params) -> dict[str, Any]:
 
 def already_judged(params: Params) -> dict[str, Any] | None:
     """The last promotion report when it judged the ONNX model that is there now, else None."""
-    import hashlib
+    from components.images import sha256_file
 
     report = read_report(params.paths.promotion_report)
     if not params.paths.onnx_model.is_file() or not report:
         return None
-    sha256 = hashlib.sha256(params.paths.onnx_model.read_bytes()).hexdigest()
-    return report if (report.get("challenger") or {}).get("sha256") == sha256 else None
+    return report if (report.get("challenger") or {}).get("sha256") == sha256_file(params.paths.onnx_model) else None
 
 
 def retrain_summary(params: Params, ran: list[str], decision: dict[str, Any], skipped: str | None) -> str:

@@ -13,7 +13,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-from components.config import Params, load_params, with_overrides  # noqa: E402
+from components.config import Params, load_params, set_dotted, with_overrides  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -119,14 +119,7 @@ def write_shrunk_params_yaml(dest: Path, extra: dict[str, object] | None = None)
     """params.yaml as the repository has it (relative paths), with the SHRINK overrides applied."""
     import yaml
 
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    for dotted, value in {**SHRINK, **(extra or {})}.items():
-        *parents, leaf = dotted.split(".")
-        section = raw
-        for part in parents:
-            section = section[part]
-        assert leaf in section, f"SHRINK names an unknown key {dotted}"
-        section[leaf] = value
+    raw = set_dotted(yaml.safe_load((REPO / "params.yaml").read_text()), {**SHRINK, **(extra or {})})
     dest.write_text(yaml.safe_dump(raw, sort_keys=False))
     return dest
 
