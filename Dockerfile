@@ -32,7 +32,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 # PREFECT_API_URL to use a running Prefect server instead. PREFECT_HOME sits in /tmp so that
 # `docker run --user "$(id -u):$(id -g)"` (to write into a mounted checkout) works too.
 
-# git: promotion records the code commit and tags releases (components/promote.py). Not pinned
+# git: promotion records the code commit and tags releases (components/deploy/promote.py). Not pinned
 # (DL3008): Debian drops superseded package versions from its mirrors, so a pin breaks the build.
 # hadolint ignore=DL3008
 RUN apt-get update \

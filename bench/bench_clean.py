@@ -3,7 +3,7 @@
     .venv/bin/python bench/bench_clean.py [--sizes 1000 10000 50000] [--workers 0] [--dir /tmp/tlpipe-bench]
 
 For each size: generate a class-per-subfolder tree of 96x96 RGB JPEGs (10 classes), then, in a
-fresh Python process, stream it through components.images.normalize_files (the function the clean
+fresh Python process, stream it through components.data.images.normalize_files (the function the clean
 stage calls) at params.yaml's data.image_size / data.color_mode. Reported per size: images/s of
 the normalize step, peak RSS of the driving process and of the largest worker (ru_maxrss), and
 the 50k/1k (largest/smallest) peak-RSS ratio. Prints a JSON document.
@@ -69,8 +69,8 @@ def _jobs(root: Path, out: Path) -> Iterator[tuple[Path, str, Path]]:
 def measure(root: Path, out: Path, workers: int) -> dict[str, float]:
     """Run in a fresh process (see main): normalize every image of `root` into `out`."""
     sys.path.insert(0, str(REPO))
-    from components.config import load_params
-    from components.images import normalize_files
+    from components.core.config import load_params
+    from components.data.images import normalize_files
 
     params = load_params(REPO / "params.yaml", root=REPO)
     shutil.rmtree(out, ignore_errors=True)

@@ -121,8 +121,8 @@ def main() -> None:
     import tensorflow as tf
     import tf2onnx
 
-    from components.config import load_params, with_overrides
-    from components.models import INPUT_NAME, build_model
+    from components.core.config import load_params, with_overrides
+    from components.training.models import INPUT_NAME, build_model
 
     overrides = {"model.backbone": args.backbone, "data.image_size": args.image_size, "data.color_mode": args.color_mode}
     params = with_overrides(load_params(REPO / "params.yaml", root=REPO), {k: v for k, v in overrides.items() if v})

@@ -26,7 +26,7 @@ import harness
 
 HEAVY = ("tensorflow", "keras", "jax", "great_expectations", "pandas", "sklearn", "scipy", "matplotlib",
          "prefect", "dvc", "dvclive", "onnx", "onnxruntime", "tf2onnx")
-TARGETS = ("components.cli", "components.ingest", "components.validate", "components.clean", "components.source",
+TARGETS = ("components.apps.cli", "components.ingest", "components.validate", "components.clean", "components.source",
            "components.transfer", "components.finetune", "components.evaluate", "components.export",
            "flows.pipeline")
 BASELINES = ("keras", "tensorflow", "great_expectations", "prefect")
@@ -34,7 +34,7 @@ BASELINES = ("keras", "tensorflow", "great_expectations", "prefect")
 PROBE = ("import sys, time, json; t = time.perf_counter(); import {module}; "
          "print(json.dumps([time.perf_counter() - t, sorted(m for m in {heavy!r} if m in sys.modules)]))")
 # Runs one stage through the CLI, in process, then reports the same.
-RUN_PROBE = ("import sys, json; from components.cli import main; code = main(['stage', {stage!r}]); "
+RUN_PROBE = ("import sys, json; from components.apps.cli import main; code = main(['stage', {stage!r}]); "
              "print('@@' + json.dumps([code, sorted(m for m in {heavy!r} if m in sys.modules)]))")
 SHRINK = {"source.epochs": 1, "finetune.head_epochs": 1, "finetune.epochs": 1, "clean.target_train_per_class": 20,
           "evaluate.min_accuracy": 0.0, "evaluate.min_macro_f1": 0.0, "export.variants": []}

@@ -37,7 +37,7 @@ QUICK = {"source.epochs": 1, "finetune.head_epochs": 3, "finetune.epochs": 3}
 
 
 def stage_side(root: Path) -> dict:
-    from components.config import load_params
+    from components.core.config import load_params
     from components import finetune
 
     params = load_params(root / "params.yaml", root=root)
@@ -47,7 +47,7 @@ def stage_side(root: Path) -> dict:
     seconds = time.perf_counter() - start
     report = json.loads(params.paths.finetune_report.read_text())
     phases = report["phases"].values()
-    # The stage repeats a small split to min_steps_per_epoch batches (components.training.fit).
+    # The stage repeats a small split to min_steps_per_epoch batches (components.training.trainer.fit).
     cfg, train = params.finetune, report["train_images"]
     batch = min(cfg.batch_size, train)
     per_epoch = train * max(1, -(-cfg.min_steps_per_epoch * batch // train))

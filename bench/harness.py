@@ -94,7 +94,7 @@ def make_repo(dest: Path, overrides: dict[str, object] | None = None, ref: str |
             else:
                 shutil.copy(REPO / name, dest / name)
     raw = yaml.safe_load((dest / "params.yaml").read_text())
-    from components.config import set_dotted  # the checkout's, also when a --side process runs an older copy
+    from components.core.config import set_dotted  # the checkout's, also when a --side process runs an older copy
 
     (dest / "params.yaml").write_text(yaml.safe_dump(set_dotted(raw, overrides or {}), sort_keys=False))
     init_repo(dest)

@@ -1,1 +1,1 @@
-"""tlpipe components: one module per pipeline stage, each with one public `run(params)`."""
+"""tlpipe: the stage modules dvc.yaml names live here, one per stage; libraries live in subpackages by role."""

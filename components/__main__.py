@@ -1,5 +1,5 @@
 """`python -m components ...` is the same as the `tlpipe` command."""
 
-from components.cli import main
+from components.apps.cli import main
 
 raise SystemExit(main())

@@ -11,11 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from components.artifacts import atomic_dir, write_json, write_text
-from components.config import Params
-from components.errors import PipelineError
+from components.core.artifacts import atomic_dir, write_json, write_text
+from components.core.config import Params
+from components.core.errors import PipelineError
 from components.ingest import assigned_splits
-from components.images import (MANIFEST_COLUMNS, TASKS, Job, class_folders, list_class_images, normalize_files,
+from components.data.images import (MANIFEST_COLUMNS, TASKS, Job, class_folders, list_class_images, normalize_files,
                                workers_for)
 
 log = logging.getLogger(__name__)
@@ -253,7 +253,7 @@ def _check_splits(plans: dict[str, _Task], counts: dict[str, dict[str, Any]], pa
     import great_expectations.expectations as gxe
     import pandas as pd
 
-    from components.expectations import run_suites, summarize
+    from components.data.expectations import run_suites, summarize
 
     content = []
     for task, plan in plans.items():

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from components.artifacts import atomic_path, write_json, write_text
-from components.config import Params
-from components.dataset import load_split
-from components.errors import PipelineError
+from components.core.artifacts import atomic_path, write_json, write_text
+from components.core.config import Params
+from components.data.dataset import load_split
+from components.core.errors import PipelineError
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +79,8 @@ def transfer_gain(params: Params, transfer_accuracy: float) -> dict:
     """Train the from-scratch baseline and compare: test accuracy, and time/epochs to reach each other's best."""
     if not params.evaluate.compare_scratch:
         return {"compared": False}
-    from components.artifacts import read_json
-    from components.scratch import train_scratch
+    from components.core.artifacts import read_json
+    from components.training.scratch import train_scratch
 
     phases = read_json(params.paths.finetune_report)["phases"]
     curve: list[float] = []
@@ -136,7 +136,7 @@ def _plot_confusion(matrix: np.ndarray, classes: tuple[str, ...], path: Path) ->
 
 def run(params: Params) -> EvaluateResult:
     # Imported here: promotion reuses the metrics above without paying for Keras and TensorFlow.
-    from components.models import load_model_dir
+    from components.training.models import load_model_dir
 
     model, classes = load_model_dir(params.paths.finetuned_model)
     test = load_split(params.paths.clean, "target", "test")

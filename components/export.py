@@ -24,13 +24,13 @@ import onnxruntime as ort
 import tensorflow as tf
 import tf2onnx
 
-from components import quantize
-from components.artifacts import atomic_dir, read_json, write_bytes, write_json
-from components.bundle import write_bundle
-from components.config import Params
-from components.dataset import Split, load_split
-from components.errors import PipelineError
-from components.models import INPUT_NAME, load_model_dir
+from components.deploy import variants
+from components.core.artifacts import atomic_dir, read_json, write_bytes, write_json
+from components.deploy.bundle import write_bundle
+from components.core.config import Params
+from components.data.dataset import Split, load_split
+from components.core.errors import PipelineError
+from components.training.models import INPUT_NAME, load_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ def _variants(params: Params, data: bytes, test: Split) -> dict[str, dict[str, o
     if "int8" in settings.variants:
         val = load_split(params.paths.clean, "target", "val")  # calibration never sees the test images
         calibration = val.x[: settings.calibration_images]
-    built = quantize.build(
+    built = variants.build(
         tuple(settings.variants), data, calibration, test, settings.max_abs_diff, settings.int8_max_accuracy_drop
     )
     with atomic_dir(params.paths.onnx_variants) as folder:
@@ -206,7 +206,7 @@ def run(params: Params) -> ExportResult:
         # With the difference inside the bound, a changed top-1 label can only be a near-tie.
         log.warning("top-1 label differs on %.1f%% of images (near-ties)", 100 * (1 - top1))
 
-    variants = _variants(params, data, test)
+    variant_reports = _variants(params, data, test)
     write_bytes(paths.onnx_model, data)
     result = ExportResult(paths.onnx_model, len(data), settings.opset, max_abs_diff, top1, checked)
     report = {
@@ -225,8 +225,8 @@ def run(params: Params) -> ExportResult:
             for o in session.get_outputs()
         ],
         "labels": list(labels),
-        "latency_ms_batch1": quantize.latency_ms(data, x[:1]),
-        "variants": variants,
+        "latency_ms_batch1": variants.latency_ms(data, x[:1]),
+        "variants": variant_reports,
         "bundle": str(paths.bundle),
     }
     write_bundle(paths.onnx_model, paths.bundle, report, read_json(paths.gates))

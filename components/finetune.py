@@ -13,11 +13,11 @@ from dataclasses import asdict, dataclass
 
 import keras
 
-from components.artifacts import write_json
-from components.config import FinetuneParams, Params
-from components.dataset import Split, load_split
-from components.models import BACKBONE_NAME, MODEL_FILE, load_model_dir, save_model_dir
-from components.training import (
+from components.core.artifacts import write_json
+from components.core.config import FinetuneParams, Params
+from components.data.dataset import Split, load_split
+from components.training.models import BACKBONE_NAME, MODEL_FILE, load_model_dir, save_model_dir
+from components.training.trainer import (
     Augment, Checkpoint, Curves, FitResult, Recipe, accelerators, data_parallel, evaluate, fit,
     resolve_precision, with_precision,
 )

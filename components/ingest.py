@@ -11,11 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from components.artifacts import atomic_dir, read_json, write_json
-from components.config import Params
-from components.errors import PipelineError
-from components.csv_manifest import is_csv_manifest, read_csv_manifest
-from components.images import TASKS, class_folders, list_class_images, sha256_file
+from components.core.artifacts import atomic_dir, read_json, write_json
+from components.core.config import Params
+from components.core.errors import PipelineError
+from components.data.csv_manifest import is_csv_manifest, read_csv_manifest
+from components.data.images import TASKS, class_folders, list_class_images, sha256_file
 
 log = logging.getLogger(__name__)
 

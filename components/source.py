@@ -8,13 +8,13 @@ from dataclasses import dataclass
 
 import keras
 
-from components.artifacts import write_json
-from components.config import Params
-from components.dataset import load_split
-from components.download import cache_dir_from, fetch, fetch_imagenet
-from components.errors import PipelineError
-from components.models import build_model, load_keras_file, save_model_dir, uses_application
-from components.training import Curves, accuracy, fit
+from components.core.artifacts import write_json
+from components.core.config import Params
+from components.data.dataset import load_split
+from components.training.download import cache_dir_from, fetch, fetch_imagenet
+from components.core.errors import PipelineError
+from components.training.models import build_model, load_keras_file, save_model_dir, uses_application
+from components.training.trainer import Curves, accuracy, fit
 
 log = logging.getLogger(__name__)
 

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 import keras
 import numpy as np
 
-from components.artifacts import write_json, write_text
-from components.config import Params
-from components.dataset import class_names
-from components.errors import PipelineError
-from components.models import BACKBONE_NAME, build_model, load_model_dir, save_model_dir, weighted_layers
+from components.core.artifacts import write_json, write_text
+from components.core.config import Params
+from components.data.dataset import class_names
+from components.core.errors import PipelineError
+from components.training.models import BACKBONE_NAME, build_model, load_model_dir, save_model_dir, weighted_layers
 
 log = logging.getLogger(__name__)
 

@@ -10,12 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from components.artifacts import atomic_dir, atomic_path, write_json, write_text
-from components.config import Params
-from components.drift import check_drift
-from components.errors import PipelineError
-from components.expectations import run_suites, summarize
-from components.images import MANIFEST_COLUMNS, STAT_COLUMNS, TASKS, class_folders, inspect_image, list_class_images
+from components.core.artifacts import atomic_dir, atomic_path, write_json, write_text
+from components.core.config import Params
+from components.data.drift import check_drift
+from components.core.errors import PipelineError
+from components.data.expectations import run_suites, summarize
+from components.data.images import MANIFEST_COLUMNS, STAT_COLUMNS, TASKS, class_folders, inspect_image, list_class_images
 from components.ingest import rejected_files
 
 if TYPE_CHECKING:

@@ -10,9 +10,9 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from components.config import Params, load_params
-from components.errors import PipelineError
-from components.graph import stage_module, stage_names
+from components.core.config import Params, load_params
+from components.core.errors import PipelineError
+from components.core.graph import stage_module, stage_names
 
 ARTIFACT_KEY = "tlpipe-run"
 

@@ -2,7 +2,7 @@
 
 Deployed by prefect.yaml (a cron schedule, a process work pool, one run at a time). The pipeline
 runs as `dvc repro` in a subprocess, so dvc.lock records exactly what was trained; promotion
-(components.promote) only ever moves production to a complete release, so a failed run, whatever
+(components.deploy.promote) only ever moves production to a complete release, so a failed run, whatever
 step it fails in, leaves the champion as it was. A failed run logs and, when `notify_block` names
 a Prefect block (a notification block such as `slack-webhook/ops`, or a `webhook/NAME` block), sends
 it the failure.
@@ -22,8 +22,8 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
-from components.config import Params, load_params
-from components.errors import PipelineError
+from components.core.config import Params, load_params
+from components.core.errors import PipelineError
 from flows.pipeline import markdown_table, model_rows, read_report, show
 
 SUMMARY_KEY = "tlpipe-retrain"
@@ -121,7 +121,7 @@ def repro(root: Path, force: bool) -> list[str]:
 
 @task(cache_policy=NO_CACHE)
 def promote(params: Params) -> dict[str, Any]:
-    from components.promote import run
+    from components.deploy.promote import run
 
     result = run(params)
     get_run_logger().info("%s", result)
@@ -130,7 +130,7 @@ def promote(params: Params) -> dict[str, Any]:
 
 def already_judged(params: Params) -> dict[str, Any] | None:
     """The last promotion report when it judged the ONNX model that is there now, else None."""
-    from components.images import sha256_file
+    from components.data.images import sha256_file
 
     report = read_report(params.paths.promotion_report)
     if not params.paths.onnx_model.is_file() or not report:

@@ -15,7 +15,7 @@ export KERAS_BACKEND=jax TF_CPP_MIN_LOG_LEVEL=2 GX_ANALYTICS_ENABLED=false
 
 read -r clean transferred report < <("$PYTHON" - "$PARAMS" <<'PY'
 import sys
-from components.config import load_params
+from components.core.config import load_params
 p = load_params(sys.argv[1]).paths
 print(p.clean, p.transferred_model, p.finetune_report)
 PY

@@ -13,7 +13,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-from components.config import Params, load_params, set_dotted, with_overrides  # noqa: E402
+from components.core.config import Params, load_params, set_dotted, with_overrides  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -135,8 +135,8 @@ def export_tiny_model(root: Path, classes: list[str]) -> Path:
     import keras
 
     from components import export
-    from components.artifacts import write_json
-    from components.models import build_model, save_model_dir
+    from components.core.artifacts import write_json
+    from components.training.models import build_model, save_model_dir
 
     params = shrunk_params(root, {"export.variants": []})
     size = params.data.image_size

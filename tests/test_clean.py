@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 
 from components import clean, ingest, validate
-from components.config import Params
-from components.errors import PipelineError
-from components.images import load_normalized
+from components.core.config import Params
+from components.core.errors import PipelineError
+from components.data.images import load_normalized
 from tests.conftest import shrunk_params, write_class_folders
 
 SPLITS = ("train", "val", "test")

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components.config import load_params
-from components.errors import PipelineError
+from components.core.config import load_params
+from components.core.errors import PipelineError
 from tests.conftest import REPO
 
 

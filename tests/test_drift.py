@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from components import drift, ingest, validate
-from components.errors import PipelineError
+from components import ingest, validate
+from components.data import drift
+from components.core.errors import PipelineError
 from tests.conftest import shrunk_params, write_class_folders
 
 

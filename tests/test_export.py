@@ -13,11 +13,11 @@ import onnxruntime as ort
 import pytest
 
 from components import export
-from components.artifacts import write_json
-from components.config import Params, with_overrides
-from components.errors import PipelineError
-from components.models import build_model, load_model_dir, save_model_dir
-from components.summary import summary
+from components.core.artifacts import write_json
+from components.core.config import Params, with_overrides
+from components.core.errors import PipelineError
+from components.training.models import build_model, load_model_dir, save_model_dir
+from components.apps.summary import summary
 from tests.conftest import shrunk_params, write_class_folders
 
 CLASSES = ["5", "6", "7"]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from components import evaluate, export
-from components.config import Params
+from components.core.config import Params
 from tests.test_resume import NO_AUGMENT, finetune_workspace, run_stage
 
 # Both phases, short. The backbone starts untrained (finetune_workspace): a head on its frozen features
@@ -31,7 +31,7 @@ import sys
 import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-from components.cli import main
+from components.apps.cli import main
 sys.exit(main(["stage", "finetune", "--params", sys.argv[1]]))
 """
 

@@ -7,9 +7,9 @@ import json
 import pytest
 
 from components import evaluate, finetune, source, transfer
-from components.config import Params, with_overrides
-from components.errors import PipelineError
-from components.models import load_model_dir
+from components.core.config import Params, with_overrides
+from components.core.errors import PipelineError
+from components.training.models import load_model_dir
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from uuid import UUID
 import pytest
 import yaml
 
-from components.errors import PipelineError
+from components.core.errors import PipelineError
 from tests.conftest import REPO, shrunk_params
 
 # Slow: a fresh Prefect server takes 30-70 s to start on 2 cores, the stages ~30 s more.

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 import yaml
 
-from components.errors import PipelineError
-from components.graph import stage_module
+from components.core.errors import PipelineError
+from components.core.graph import stage_module
 from tests.conftest import REPO
 
 STAGES: dict[str, dict[str, Any]] = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
@@ -24,7 +24,7 @@ OUTPUT_KINDS = ("outs", "metrics", "plots")
 # Promotion runs after the graph, not in it (flows/retrain.py, `tlpipe promote`): the champion lives
 # outside DVC, so its params section and the paths only it uses are not dvc.yaml's.
 AFTER_THE_GRAPH = {"promote"}
-PROMOTION_PATHS = set(re.findall(r"paths\.(\w+)", (REPO / "components/promote.py").read_text()))
+PROMOTION_PATHS = set(re.findall(r"paths\.(\w+)", (REPO / "components/deploy/promote.py").read_text()))
 
 
 def lookup(dotted: str) -> Any:

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from components import ingest
-from components.config import Params
-from components.errors import PipelineError
+from components.core.config import Params
+from components.core.errors import PipelineError
 from tests.conftest import shrunk_params, write_class_folders
 
 

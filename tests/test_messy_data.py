@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from components import clean, ingest, validate
-from components.config import Params
+from components.core.config import Params
 from tests.conftest import shrunk_params, write_class_folders
 
 

@@ -8,9 +8,9 @@ import keras
 import numpy as np
 import pytest
 
-from components.config import Params, with_overrides
-from components.errors import PipelineError
-from components.models import MODEL_FILE, build_model, load_model_dir, save_model_dir, weighted_layers
+from components.core.config import Params, with_overrides
+from components.core.errors import PipelineError
+from components.training.models import MODEL_FILE, build_model, load_model_dir, save_model_dir, weighted_layers
 
 # keras.applications constructor for each backbone name, and its Keras preprocess_input.
 APPLICATIONS = {

@@ -11,9 +11,9 @@ import onnxruntime as ort
 import pytest
 from PIL import Image
 
-from components.errors import PipelineError
-from components.images import load_normalized
-from components.predict import predict_files
+from components.core.errors import PipelineError
+from components.data.images import load_normalized
+from components.deploy.predict import predict_files
 from tests.conftest import REPO, export_tiny_model
 
 CLASSES = ["cat", "dog", "owl"]
@@ -129,7 +129,7 @@ def test_top_k_below_one_is_refused(onnx_model: Path, tmp_path: Path) -> None:
 
 def test_serving_does_not_import_tensorflow_or_keras() -> None:
     check = (
-        "import sys, components.predict, components.cli\n"
+        "import sys, components.deploy.predict, components.apps.cli\n"
         "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'tensorflow', 'keras', 'tf2onnx', 'onnx'})\n"
         "sys.exit(f'imported {heavy}' if heavy else 0)"
     )

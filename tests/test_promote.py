@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from components.cli import main
-from components.config import Params, load_params
-from components.promote import run
+from components.apps.cli import main
+from components.core.config import Params, load_params
+from components.deploy.promote import run
 from tests.conftest import REPO, shrunk_params, write_clean_dataset, write_shrunk_params_yaml
 
 CLASSES = ["x", "y", "z"]
@@ -53,9 +53,9 @@ def onnx_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     import keras
 
     from components import export
-    from components.artifacts import write_json
-    from components.dataset import load_split
-    from components.models import build_model, save_model_dir
+    from components.core.artifacts import write_json
+    from components.data.dataset import load_split
+    from components.training.models import build_model, save_model_dir
 
     root = tmp_path_factory.mktemp("models")
     params = shrunk_params(root, {"export.variants": []})
@@ -210,7 +210,7 @@ def test_a_promotion_killed_while_writing_the_release_leaves_production_whole(
     code = (
         "import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_DFL);"
         "resource.setrlimit(resource.RLIMIT_FSIZE, ({0}, {0}));"
-        "from components.cli import main; sys.exit(main(['promote', '--params', {1!r}]))"
+        "from components.apps.cli import main; sys.exit(main(['promote', '--params', {1!r}]))"
     ).format(limit, str(tmp_path / "params.yaml"))
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
     killed = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from components.config import Params
-from components.models import BACKBONE_NAME, build_model, load_model_dir, save_model_dir
+from components.core.config import Params
+from components.training.models import BACKBONE_NAME, build_model, load_model_dir, save_model_dir
 from tests.conftest import REPO, shrunk_params, write_shrunk_params_yaml
 
 
@@ -154,7 +154,7 @@ def test_a_rerun_with_the_same_seed_is_fresh_not_resumed_and_gives_the_same_numb
 
 def test_a_checkpoint_written_for_other_inputs_is_ignored(tmp_path: Path) -> None:
     from components import finetune
-    from components.training import Checkpoint
+    from components.training.trainer import Checkpoint
 
     params, _ = finetune_workspace(tmp_path)
     Checkpoint(params.paths.finetune_checkpoint, "another run's fingerprint").save({"phase": "head", "epoch": 1}, {})

@@ -21,8 +21,8 @@ import pytest
 import uvicorn
 from PIL import Image
 
-from components.images import load_normalized
-from components.serve import ServeSettings, create_app
+from components.data.images import load_normalized
+from components.deploy.serve import ServeSettings, create_app
 from tests.conftest import REPO, export_tiny_model
 
 CLASSES = ["cat", "dog", "owl"]

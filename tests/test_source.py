@@ -10,11 +10,12 @@ import keras
 import numpy as np
 import pytest
 
-from components import download, source
-from components.config import Params, with_overrides
-from components.download import sha256_of
-from components.errors import PipelineError
-from components.models import build_model, load_model_dir
+from components import source
+from components.training import download
+from components.core.config import Params, with_overrides
+from components.training.download import sha256_of
+from components.core.errors import PipelineError
+from components.training.models import build_model, load_model_dir
 
 
 def test_train_mode_saves_a_model_that_learned_the_source_task(clean_dataset: Params) -> None:

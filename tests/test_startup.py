@@ -34,20 +34,20 @@ def test_a_stage_that_does_not_train_imports_no_tensorflow(stage: str) -> None:
 
 
 def test_the_cli_imports_nothing_heavy_before_it_dispatches() -> None:
-    loaded = loaded_after("from components.cli import build_parser\nbuild_parser().parse_args(['stage', 'ingest'])")
+    loaded = loaded_after("from components.apps.cli import build_parser\nbuild_parser().parse_args(['stage', 'ingest'])")
     assert not loaded, f"the tlpipe CLI imports {sorted(loaded)} before choosing a command"
 
 
 def test_listing_the_stages_imports_no_stage() -> None:
-    loaded = loaded_after("from components.cli import main\nmain(['stages'])")
+    loaded = loaded_after("from components.apps.cli import main\nmain(['stages'])")
     assert not loaded, f"`tlpipe stages` imports {sorted(loaded)}"
 
 
 def test_the_tlpipe_command_ends_a_stage_early_with_its_outputs_and_log_complete(tmp_path) -> None:
-    """`tlpipe stage` skips Python's teardown (components.cli._exit_now); nothing it wrote may be lost."""
+    """`tlpipe stage` skips Python's teardown (components.apps.cli._exit_now); nothing it wrote may be lost."""
     from pathlib import Path
 
-    from components.cli import main
+    from components.apps.cli import main
     import shutil
 
     from tests.conftest import write_shrunk_params_yaml

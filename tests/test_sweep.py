@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from components import sweep
+from components.apps import sweep
 from tests.conftest import write_shrunk_params_yaml
 
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from components import source, transfer
-from components.config import Params, with_overrides
-from components.errors import PipelineError
-from components.models import build_model, load_model_dir, save_model_dir, weighted_layers
+from components.core.config import Params, with_overrides
+from components.core.errors import PipelineError
+from components.training.models import build_model, load_model_dir, save_model_dir, weighted_layers
 from tests.conftest import shrunk_params, write_clean_dataset
 
 SPLITS = {"train": 16, "val": 4, "test": 4}

@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 
 from components import ingest, validate
-from components.config import Params
-from components.errors import PipelineError
-from components.images import MANIFEST_COLUMNS
+from components.core.config import Params
+from components.core.errors import PipelineError
+from components.data.images import MANIFEST_COLUMNS
 from tests.conftest import shrunk_params, write_class_folders
 
 

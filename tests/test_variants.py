@@ -9,10 +9,11 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from components import export, quantize
-from components.artifacts import write_json
-from components.config import Params
-from components.dataset import load_split
+from components import export
+from components.deploy import variants
+from components.core.artifacts import write_json
+from components.core.config import Params
+from components.data.dataset import load_split
 from tests.conftest import shrunk_params, write_clean_dataset
 
 CLASSES = ["a", "b", "c"]
@@ -23,7 +24,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Params, dict]:
     """A tiny model trained until it is accurate (so an accuracy drop can show), exported with both variants."""
     import keras
 
-    from components.models import build_model, save_model_dir
+    from components.training.models import build_model, save_model_dir
 
     params = shrunk_params(tmp_path_factory.mktemp("variants"), {"export.variants": ["optimized", "int8"]})
     size = params.data.image_size
@@ -77,20 +78,20 @@ def test_int8_beyond_the_accuracy_bound_is_refused(exported: tuple[Params, dict]
     test = load_split(params.paths.clean, "target", "test")
     # Calibrated on blank images, the activation ranges miss what real images produce: int8 saturates.
     blank = np.zeros((16, 16, 16, 1), dtype=np.uint8)
-    refused = quantize.int8(reference, blank, test, max_accuracy_drop=0.01)
+    refused = variants.int8(reference, blank, test, max_accuracy_drop=0.01)
     assert not refused.accepted
     assert refused.report["accuracy_drop"] > 0.01
     assert "beyond export.int8_max_accuracy_drop 0.01" in refused.reason
 
     # The same variant passes once the bound allows its drop: the gate, not the build, decided.
-    allowed = quantize.int8(reference, blank, test, max_accuracy_drop=refused.report["accuracy_drop"])
+    allowed = variants.int8(reference, blank, test, max_accuracy_drop=refused.report["accuracy_drop"])
     assert allowed.accepted
 
 
 def test_unknown_variant_is_an_error_naming_the_choices(exported: tuple[Params, dict]) -> None:
-    from components.errors import PipelineError
+    from components.core.errors import PipelineError
 
     params, _ = exported
     test = load_split(params.paths.clean, "target", "test")
     with pytest.raises(PipelineError, match="unknown export.variants.*optimized"):
-        quantize.build(("fp8",), params.paths.onnx_model.read_bytes(), test.x, test, 1e-4, 0.01)
+        variants.build(("fp8",), params.paths.onnx_model.read_bytes(), test.x, test, 1e-4, 0.01)

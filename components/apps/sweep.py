@@ -1,6 +1,6 @@
 """The label-budget sweep: transfer vs training from scratch at several labels per class, drawn and tabled.
 
-    python -m components.sweep --budgets 5 10 25 50 --seeds 42 43 --out reports/sweep
+    python -m components.apps.sweep --budgets 5 10 25 50 --seeds 42 43 --out reports/sweep
 
 Runs the real stages (ingest ... evaluate with evaluate.compare_scratch) in a temporary workspace,
 so the repository's data, models and DVC state are untouched. The source model is trained once
@@ -18,8 +18,8 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from components.artifacts import atomic_path, read_json, write_json, write_text
-from components.config import Params, load_params, with_overrides
+from components.core.artifacts import atomic_path, read_json, write_json, write_text
+from components.core.config import Params, load_params, with_overrides
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def write_outputs(rows: list[dict], out: Path) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m components.sweep", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m components.apps.sweep", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: params.yaml)")
     parser.add_argument("--budgets", type=int, nargs="+", default=[5, 10, 25, 50], help="labels per class")

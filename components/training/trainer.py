@@ -19,8 +19,8 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from components.artifacts import atomic_dir, write_text
-from components.dataset import Split
+from components.core.artifacts import atomic_dir, write_text
+from components.data.dataset import Split
 
 log = logging.getLogger(__name__)
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import keras
 
-from components.artifacts import atomic_dir
-from components.config import DataParams, ModelParams
-from components.errors import PipelineError
+from components.core.artifacts import atomic_dir
+from components.core.config import DataParams, ModelParams
+from components.core.errors import PipelineError
 
 MODEL_FILE = "model.keras"
 LABELS_FILE = "labels.json"
@@ -94,7 +94,7 @@ def build_model(
     bn_inference=True calls the backbone with training=False, so its BatchNorm layers keep their
     moving statistics while fine-tuning (the Keras transfer-learning guide). num_classes=None
     builds a headless model (a downloaded backbone with no task of its own yet).
-    backbone_weights: a local file, never a download (components.download fetches it first):
+    backbone_weights: a local file, never a download (components.training.download fetches it first):
     Keras's ImageNet .h5 for an application backbone, a .weights.h5 of the backbone for simple_cnn.
     """
     if backbone_weights == "imagenet":

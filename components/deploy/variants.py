@@ -25,8 +25,8 @@ import onnxruntime as ort
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from components.dataset import Split
-from components.errors import PipelineError
+from components.data.dataset import Split
+from components.core.errors import PipelineError
 
 log = logging.getLogger(__name__)
 

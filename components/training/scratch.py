@@ -11,11 +11,11 @@ from dataclasses import dataclass
 
 import keras
 
-from components.config import Params
-from components.dataset import load_split
+from components.core.config import Params
+from components.data.dataset import load_split
 from components.finetune import recipe
-from components.models import build_model
-from components.training import FitResult, accuracy, fit
+from components.training.models import build_model
+from components.training.trainer import FitResult, accuracy, fit
 
 log = logging.getLogger(__name__)
 

@@ -33,8 +33,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from PIL import Image
 
-from components.images import load_normalized
-from components.predict import OnnxModel, top_indices
+from components.data.images import load_normalized
+from components.deploy.predict import OnnxModel, top_indices
 
 log = logging.getLogger(__name__)
 

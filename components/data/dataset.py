@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from components.errors import PipelineError
+from components.core.errors import PipelineError
 
 SPLITS = ("train", "val", "test")
 

@@ -7,8 +7,8 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from components.config import Params
-from components.images import is_image_name
+from components.core.config import Params
+from components.data.images import is_image_name
 
 
 def _show(path: Path) -> str:

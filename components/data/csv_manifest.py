@@ -6,7 +6,7 @@ import csv
 import logging
 from pathlib import Path
 
-from components.errors import PipelineError
+from components.core.errors import PipelineError
 
 log = logging.getLogger(__name__)
 

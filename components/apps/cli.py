@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from components.errors import PipelineError
+from components.core.errors import PipelineError
 
 log = logging.getLogger("tlpipe")
 
@@ -24,8 +24,8 @@ def _quiet_libraries() -> None:
 
 
 def _stage(args: argparse.Namespace) -> None:
-    from components.config import load_params
-    from components.graph import stage_module
+    from components.core.config import load_params
+    from components.core.graph import stage_module
 
     params = load_params(args.params)
     module = stage_module(args.name)
@@ -34,7 +34,7 @@ def _stage(args: argparse.Namespace) -> None:
 
 
 def _run(args: argparse.Namespace) -> None:
-    from components.config import load_params
+    from components.core.config import load_params
 
     load_params(args.params)  # fail on a bad params.yaml before Prefect starts
     from flows.pipeline import pipeline
@@ -43,14 +43,14 @@ def _run(args: argparse.Namespace) -> None:
 
 
 def _predict(args: argparse.Namespace) -> None:
-    from components.predict import predict_files
+    from components.deploy.predict import predict_files
 
     for line in predict_files(args.model, args.images, top_k=args.top_k):
         print(line)
 
 
 def _serve(args: argparse.Namespace) -> None:
-    from components.serve import ServeSettings, serve
+    from components.deploy.serve import ServeSettings, serve
 
     # Options left out keep ServeSettings' defaults (written once, there).
     given = {
@@ -65,22 +65,22 @@ def _serve(args: argparse.Namespace) -> None:
 
 
 def _summary(args: argparse.Namespace) -> None:
-    from components.config import load_params
-    from components.summary import summary
+    from components.core.config import load_params
+    from components.apps.summary import summary
 
     print(summary(load_params(args.params)))
 
 
 def _promote(args: argparse.Namespace) -> None:
-    from components.config import load_params
-    from components.promote import run
+    from components.core.config import load_params
+    from components.deploy.promote import run
 
     # A rejected challenger is a normal outcome (exit 0), said on stdout; only errors exit non-zero.
     print(run(load_params(args.params)))
 
 
 def _stages(args: argparse.Namespace) -> None:
-    from components.graph import stage_names
+    from components.core.graph import stage_names
 
     print("\n".join(stage_names()))
 
@@ -158,7 +158,7 @@ _fast_exit = False  # set by `entry` (the `tlpipe` command) only: a caller of ma
 def _exit_now(code: int) -> None:
     """End a finished stage's process without Python's teardown.
 
-    Every output is already written and renamed into place (components.artifacts), so the teardown
+    Every output is already written and renamed into place (components.core.artifacts), so the teardown
     only frees memory the kernel frees anyway; for a process that imported TensorFlow it took 2-3 s
     (docs/benchmarks.md), paid by each of the 5 stages that import it in every `dvc repro`.
     """

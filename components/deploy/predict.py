@@ -2,7 +2,7 @@
 
 Everything the model needs comes from the .onnx file's metadata (labels, input_spec), so serving
 needs neither TensorFlow nor Keras nor params.yaml. Each file is decoded and resized exactly as the
-clean stage stored the training images (components.images.load_normalized: EXIF orientation,
+clean stage stored the training images (components.data.images.load_normalized: EXIF orientation,
 alpha on white, 16-bit scaled, Pillow's area-like downscaling); the model's own resize layer
 then has nothing left to do, so a large photo is not aliased by a resize training never used.
 """
@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from components.errors import PipelineError
-from components.images import load_normalized
+from components.core.errors import PipelineError
+from components.data.images import load_normalized
 
 
 class OnnxModel:

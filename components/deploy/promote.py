@@ -29,13 +29,13 @@ from typing import Any
 import numpy as np
 import yaml
 
-from components.artifacts import write_json, write_text
-from components.config import Params
-from components.dataset import Split, load_split
-from components.errors import PipelineError
+from components.core.artifacts import write_json, write_text
+from components.core.config import Params
+from components.data.dataset import Split, load_split
+from components.core.errors import PipelineError
 from components.evaluate import compute_metrics
-from components.images import sha256_file
-from components.predict import OnnxModel
+from components.data.images import sha256_file
+from components.deploy.predict import OnnxModel
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from components.errors import PipelineError
+from components.core.errors import PipelineError
 
 DEFAULT_PARAMS = Path("params.yaml")
 

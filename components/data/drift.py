@@ -6,9 +6,9 @@ import logging
 import math
 from typing import TYPE_CHECKING, Any
 
-from components.artifacts import read_json, write_json
-from components.config import Params
-from components.images import TASKS
+from components.core.artifacts import read_json, write_json
+from components.core.config import Params
+from components.data.images import TASKS
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -8,7 +8,7 @@ from types import ModuleType
 
 import yaml
 
-from components.errors import PipelineError
+from components.core.errors import PipelineError
 
 DVC_YAML = Path("dvc.yaml")
 

@@ -17,8 +17,8 @@ from typing import Any
 
 import onnx
 
-from components.artifacts import atomic_dir
-from components.errors import PipelineError
+from components.core.artifacts import atomic_dir
+from components.core.errors import PipelineError
 
 TRITON_NAME = "tlpipe_classifier"
 TRITON_MAX_BATCH = 64

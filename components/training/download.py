@@ -15,8 +15,8 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import urlparse
 
-from components.artifacts import atomic_path
-from components.errors import PipelineError
+from components.core.artifacts import atomic_path
+from components.core.errors import PipelineError
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Entry points people run: the tlpipe command, the run summary, the label-budget sweep."""

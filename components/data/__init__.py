@@ -1,0 +1,1 @@
+"""Data libraries: image IO and checks, CSV manifests, the cleaned dataset reader, drift, expectations."""

@@ -1,0 +1,1 @@
+"""Deployment: ONNX inference (predict), the HTTP server, export variants, the bundle, promotion."""
