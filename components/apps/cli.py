@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -43,24 +44,22 @@ def _run(args: argparse.Namespace) -> None:
 
 
 def _predict(args: argparse.Namespace) -> None:
-    from components.deploy.predict import predict_files
+    from components.deploy.predict import as_line, predict_files
 
-    for line in predict_files(args.model, args.images, top_k=args.top_k):
-        print(line)
+    answers = predict_files(args.model, args.images, top_k=args.top_k)
+    if args.json:
+        print(json.dumps({"model": str(args.model), "predictions": answers}, indent=2))
+    else:
+        print("\n".join(map(as_line, answers)))
 
 
 def _serve(args: argparse.Namespace) -> None:
+    from dataclasses import fields
+
     from components.deploy.serve import ServeSettings, serve
 
-    # Options left out keep ServeSettings' defaults (written once, there).
-    given = {
-        "max_body_bytes": None if args.max_body_mb is None else int(args.max_body_mb * 1024 * 1024),
-        "max_pixels": args.max_pixels,
-        "max_images": args.max_images,
-        "top_k": args.top_k,
-        "batch_window_ms": args.batch_window_ms,
-        "max_batch": args.max_batch,
-    }
+    # Each option is the ServeSettings field of the same name; options left out keep its defaults.
+    given = {field.name: getattr(args, field.name) for field in fields(ServeSettings)}
     serve(args.model, args.host, args.port, ServeSettings(**{k: v for k, v in given.items() if v is not None}))
 
 
@@ -105,16 +104,23 @@ def build_parser() -> argparse.ArgumentParser:
     predict = commands.add_parser("predict", help="label images with an exported ONNX model")
     predict.add_argument("model", type=Path, help="the .onnx file (models/model.onnx)")
     predict.add_argument("images", type=Path, nargs="+", help="image files")
-    predict.add_argument("--top-k", type=int, default=1, help="labels to print per image")
+    predict.add_argument("--top-k", type=int, default=1, help="labels to print per image, best first (default: 1)")
+    predict.add_argument("--json", action="store_true",
+                         help='one JSON document: {"model", "predictions": [{"image", "top_k": [{"label", "probability"}]}]}')
     predict.set_defaults(handler=_predict)
 
     served = commands.add_parser("serve", help="serve an exported ONNX model over HTTP (POST /predict)")
     served.add_argument("model", type=Path, help="the .onnx file (models/model.onnx)")
     served.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1; 0.0.0.0 for all)")
-    served.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    served.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0: any free port, logged)")
     served.add_argument("--top-k", type=int, help="labels per image unless a request asks (?top_k=); default 5")
     served.add_argument("--max-body-mb", type=float, help="largest request body in MiB, else 413; default 20")
+    served.add_argument("--body-timeout-s", type=float, help="seconds for a whole body to arrive, else 408; default 30")
+    served.add_argument("--keep-alive-s", type=int, help="idle keep-alive connections close after this; default 5")
+    served.add_argument("--max-connections", type=int, help="concurrent connections, else 503; default 256")
     served.add_argument("--max-pixels", type=int, help="largest image (width x height), else 413; default 40e6")
+    served.add_argument("--max-decoded-mb", type=float, help="largest image once decoded, in MiB, else 413; default 128")
+    served.add_argument("--decode-threads", type=int, help="requests decoding images at once; default 2")
     served.add_argument("--max-images", type=int, help="most images in one request, else 413; default 64")
     served.add_argument("--batch-window-ms", type=float, help="how long to gather concurrent requests; default 5")
     served.add_argument("--max-batch", type=int, help="most images per onnxruntime call; default 64")

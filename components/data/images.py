@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import io
@@ -34,6 +35,59 @@ MANIFEST_COLUMNS: tuple[str, ...] = (
 
 _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}
 _ALPHA_MODES = {"RGBA", "LA", "La", "RGBa", "PA"}
+
+# 16-bit value -> 8-bit, rounded: the same numbers as rint(x / 257), without a float copy of the image.
+_SIXTEEN_TO_EIGHT = np.clip(np.rint(np.arange(65536) / 257.0), 0, 255).astype(np.uint8)
+_BLOCK_PIXELS = 1 << 20  # float work on other modes goes a block of rows at a time, so its copies stay small
+
+
+class ImageTooLarge(ValueError):
+    """An image refused from its header, before any pixel is decoded; the message says why."""
+
+    def __init__(self, message: str, header: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.header = header or {}  # width, height and mode, when Pillow read the header
+
+
+def decoded_bytes(width: int, height: int, mode: str) -> int:
+    """Bytes Pillow allocates to decode an image: 1 per pixel for 1/L/P, 2 for 16-bit, else 4."""
+    per_pixel = 1 if mode in ("1", "L", "P") else 2 if mode in _SIXTEEN_BIT_MODES else 4
+    return width * height * per_pixel
+
+
+@contextlib.contextmanager
+def open_guarded(
+    source: Path | IO[bytes], max_pixels: int, max_bytes: int | None = None, setting: str = "max_pixels"
+) -> Iterator[Image.Image]:
+    """Image.open (which reads the header only), refusing a decompression bomb before any decoding.
+
+    Raises ImageTooLarge past `max_pixels` pixels or `max_bytes` decoded bytes (`setting` names the
+    limit in the message, e.g. "validate.max_pixels"), and for Pillow's own bomb limit. Every other
+    open error (not an image, corrupt header) propagates as Pillow raised it.
+    """
+    with warnings.catch_warnings():
+        # Pillow warns (and past twice its limit, refuses) on huge images; our own limit decides.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(source)
+        except Image.DecompressionBombError as error:
+            raise ImageTooLarge(f"decompression bomb: {error}") from None
+    with image:
+        header = {"width": image.width, "height": image.height, "mode": image.mode}
+        pixels = image.width * image.height
+        if pixels > max_pixels:
+            raise ImageTooLarge(
+                f"decompression bomb: {image.width}x{image.height} = {pixels} pixels, over {setting}={max_pixels}",
+                header,
+            )
+        size = decoded_bytes(image.width, image.height, image.mode)
+        if max_bytes is not None and size > max_bytes:
+            raise ImageTooLarge(
+                f"decompression bomb: {image.width}x{image.height} {image.mode} decodes to {size} bytes, "
+                f"over the limit of {max_bytes}",
+                header,
+            )
+        yield image
 
 
 def is_image_name(path: Path | str) -> bool:
@@ -116,21 +170,13 @@ def inspect_image(path: Path, max_pixels: int, min_side: int, max_side: int) -> 
         facts["error"] = f"not an image: file name suffix '{path.suffix}' (expected one of {expected})"
         return facts
     try:
-        # Pillow warns (and past twice its limit, refuses) on huge images; our own limit decides.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as image:  # reads the header only
-                facts.update(width=image.width, height=image.height, mode=image.mode)
-                pixels = image.width * image.height
-                if pixels > max_pixels:  # before any pixel data is decoded
-                    facts["error"] = (f"decompression bomb: {image.width}x{image.height} = {pixels} pixels, "
-                                      f"over validate.max_pixels={max_pixels}")
-                    return facts
-                image.load()  # the full decode: catches truncated and corrupt data
-                facts["dhash"] = dhash(image)
-                facts.update(_channel_stats(image))
-    except Image.DecompressionBombError as error:
-        facts["error"] = f"decompression bomb: {error}"
+        with open_guarded(path, max_pixels, setting="validate.max_pixels") as image:
+            facts.update(width=image.width, height=image.height, mode=image.mode)
+            image.load()  # the full decode: catches truncated and corrupt data
+            facts["dhash"] = dhash(image)
+            facts.update(_channel_stats(image))
+    except ImageTooLarge as error:
+        facts.update(error.header, error=str(error))
         return facts
     except Image.UnidentifiedImageError:
         facts["error"] = "not an image: Pillow cannot identify the file's format"
@@ -151,16 +197,28 @@ def inspect_image(path: Path, max_pixels: int, min_side: int, max_side: int) -> 
 
 
 def _to_8bit(image: Image.Image) -> Image.Image:
-    """Integer and float single-channel modes as 8-bit "L", scaled rather than clipped."""
-    pixels = np.asarray(image, dtype=np.float64)
+    """Integer and float single-channel modes as 8-bit "L", scaled rather than clipped.
+
+    No float copy of the whole image (a 6300x6300 16-bit PNG would cost 320 MB per copy): 16-bit
+    modes go through a lookup table, the others a block of rows at a time.
+    """
+    pixels = np.asarray(image)
     if image.mode in _SIXTEEN_BIT_MODES:
-        pixels = pixels / 257.0
-    elif image.mode == "F" and pixels.size and pixels.max() <= 1.0:
-        pixels = pixels * 255.0  # float images in [0, 1]
-    elif pixels.size and pixels.max() > 255:
+        return Image.fromarray(_SIXTEEN_TO_EIGHT[pixels], mode="L")
+    top = pixels.max() if pixels.size else 0
+    if image.mode == "F" and pixels.size and top <= 1.0:
+        scale = 255.0  # float images in [0, 1]
+    elif pixels.size and top > 255:
         # Mode "I" holds 16-bit PNGs on some Pillow versions; beyond that range, stretch to the max.
-        pixels = pixels / 257.0 if pixels.max() <= 65535 else pixels * (255.0 / pixels.max())
-    return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), mode="L")
+        scale = 1 / 257.0 if top <= 65535 else 255.0 / top
+    else:
+        scale = 1.0
+    out = np.empty(pixels.shape, dtype=np.uint8)
+    rows = max(1, _BLOCK_PIXELS // max(1, pixels.shape[1] if pixels.ndim > 1 else 1))
+    for start in range(0, len(pixels), rows):
+        block = pixels[start : start + rows].astype(np.float64)
+        out[start : start + rows] = np.clip(np.rint(block * scale if scale != 1.0 else block), 0, 255)
+    return Image.fromarray(out, mode="L")
 
 
 def _on_white(image: Image.Image) -> Image.Image:
@@ -187,12 +245,18 @@ def _as_rgb(image: Image.Image) -> Image.Image:
 
 def load_normalized(path: Path | IO[bytes], size: int, pil_mode: str) -> Image.Image:
     """The image as the model sees it: upright, `pil_mode` ("L" or "RGB"), `size` x `size` pixels."""
+    with Image.open(path) as opened:
+        return normalize(opened, size, pil_mode)
+
+
+def normalize(opened: Image.Image, size: int, pil_mode: str) -> Image.Image:
+    """`load_normalized` of an image already opened (e.g. by `open_guarded`); returns a new image."""
     if pil_mode not in ("L", "RGB"):
         raise ValueError(f"pil_mode must be 'L' or 'RGB', not {pil_mode!r}")
-    with Image.open(path) as opened:
-        opened.draft(None, (size, size))  # JPEG only: decode at a reduced scale, never below `size`
-        image = ImageOps.exif_transpose(opened)  # phone photos store rotation in EXIF
-    image = _as_l_or_rgb(image).convert(pil_mode)
+    opened.draft(None, (size, size))  # JPEG only: decode at a reduced scale, never below `size`
+    opened.load()
+    ImageOps.exif_transpose(opened, in_place=True)  # phone photos store rotation in EXIF; no copy
+    image = _as_l_or_rgb(opened).convert(pil_mode)  # a new image even when the mode is already right
     if image.size != (size, size):
         # Downscaling with Pillow's BILINEAR filter averages over the whole footprint (area-like).
         image = image.resize((size, size), Image.Resampling.BILINEAR)
