@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ from PIL import Image
 
 from components.core.errors import PipelineError
 from components.data.images import load_normalized
-from components.deploy.predict import predict_files
+from components.deploy.predict import OnnxModel, predict_files
 from tests.conftest import REPO, export_tiny_model
 
 CLASSES = ["cat", "dog", "owl"]
@@ -41,7 +42,8 @@ def test_cli_prints_the_label_onnxruntime_ranks_first(onnx_model: Path, tmp_path
     done = _tlpipe("predict", str(onnx_model), str(image))
     assert done.returncode == 0, done.stderr
 
-    path, label, probability = done.stdout.strip().split("\t")
+    path, pair = done.stdout.strip().split("\t")
+    label, probability = pair.rsplit(":", 1)
     session = ort.InferenceSession(str(onnx_model), providers=["CPUExecutionProvider"])
     expected = session.run(None, {"input": np.asarray(Image.open(image))[None, ..., None]})[0][0]
     assert path == str(image)
@@ -64,9 +66,31 @@ def test_top_k_lists_every_class_best_first_summing_to_one(onnx_model: Path, tmp
         assert sum(probabilities) == pytest.approx(1.0, abs=1e-3)
 
 
+def test_top_1_and_top_k_print_one_format_and_json_says_the_same(onnx_model: Path, tmp_path: Path) -> None:
+    images = [_image(tmp_path / "a.png", seed=4), _image(tmp_path / "b b.png", seed=5)]
+    top_1 = _tlpipe("predict", str(onnx_model), *map(str, images))
+    top_3 = _tlpipe("predict", str(onnx_model), *map(str, images), "--top-k", "3")
+    as_json = _tlpipe("predict", str(onnx_model), *map(str, images), "--top-k", "3", "--json")
+    assert top_1.returncode == top_3.returncode == as_json.returncode == 0, top_1.stderr + top_3.stderr
+    # Top-1 is top-k cut at one pair: `path<TAB>label:probability`, the same columns whatever k is.
+    for one, three in zip(top_1.stdout.splitlines(), top_3.stdout.splitlines(), strict=True):
+        assert three.startswith(one + "\t") and len(three.split("\t")) == 4
+
+    document = json.loads(as_json.stdout)  # one document, nothing else on stdout
+    assert document["model"] == str(onnx_model)
+    assert [answer["image"] for answer in document["predictions"]] == [str(image) for image in images]
+    for answer, line in zip(document["predictions"], top_3.stdout.splitlines()):
+        assert [pair.keys() for pair in answer["top_k"]] == [{"label", "probability"}] * 3
+        printed = [pair.rsplit(":", 1) for pair in line.split("\t")[1:]]
+        assert [pair["label"] for pair in answer["top_k"]] == [label for label, _ in printed]
+        assert [pair["probability"] for pair in answer["top_k"]] == pytest.approx(
+            [float(p) for _, p in printed], abs=1e-4
+        )
+
+
 def test_images_are_read_as_a_user_sees_them(onnx_model: Path, tmp_path: Path) -> None:
-    def scores(path: Path) -> list[str]:
-        return predict_files(onnx_model, [path], top_k=len(CLASSES))[0].split("\t")[1:]
+    def scores(path: Path) -> list[tuple[str, float]]:
+        return [(p["label"], round(p["probability"], 4)) for p in predict_files(onnx_model, [path], top_k=3)[0]["top_k"]]
 
     # Transparent pixels are composited on white, whatever colour they hide.
     Image.new("L", (16, 16), 255).save(tmp_path / "white.png")
@@ -127,9 +151,56 @@ def test_top_k_below_one_is_refused(onnx_model: Path, tmp_path: Path) -> None:
         predict_files(onnx_model, [_image(tmp_path / "a.png")], top_k=0)
 
 
+def _with_metadata(model: Path, dest: Path, labels: object = None, **spec: object) -> Path:
+    """A copy of the exported model with its tlpipe metadata edited (labels raw, or input_spec keys)."""
+    import onnx
+
+    proto = onnx.load(str(model))
+    props = {prop.key: prop.value for prop in proto.metadata_props}
+    if labels is not None:
+        props["labels"] = labels if isinstance(labels, str) else json.dumps(labels)
+    props["input_spec"] = json.dumps({**json.loads(props["input_spec"]), **spec})
+    onnx.helper.set_model_props(proto, props)
+    onnx.save(proto, str(dest))
+    return dest
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ({"labels": '"notalist"'}, "metadata 'labels' must be a non-empty list of class names"),
+        ({"labels": ["cat", "dog"]}, "the graph answers shape [1, 3] per image, the metadata names 2 labels"),
+        ({"labels": ["cat", "dog", "owl", "emu"]}, "the metadata names 4 labels"),
+        ({"labels": ["cat", "cat", "owl"]}, "names a class twice"),
+        ({"labels": []}, "must be a non-empty list"),
+        ({"channels": 3}, "is not NHWC with 3 channel(s) as the metadata says"),
+        ({"channels": True}, "metadata channels must be 1 or 3, not True"),
+        ({"image_size": "16"}, "metadata image_size must be a whole number of pixels"),
+        ({"image_size": 0}, "metadata image_size must be a whole number of pixels"),
+        ({"name": "pixels"}, "metadata input name 'pixels' is not the graph's single input ['input']"),
+        ({"dtype": "float32"}, "metadata dtype must be 'uint8'"),
+    ],
+)
+def test_metadata_that_contradicts_the_graph_is_refused_at_load(
+    onnx_model: Path, tmp_path: Path, edit: dict, message: str
+) -> None:
+    model = _with_metadata(onnx_model, tmp_path / "model.onnx", **edit)
+    with pytest.raises(PipelineError) as error:
+        OnnxModel(model)
+    assert message in str(error.value) and "re-export the model" in str(error.value)
+
+
+def test_predict_and_serve_refuse_a_model_with_bad_labels_at_start(onnx_model: Path, tmp_path: Path) -> None:
+    model = _with_metadata(onnx_model, tmp_path / "model.onnx", labels='"notalist"')
+    for command in (["predict", str(model), str(_image(tmp_path / "a.png"))], ["serve", str(model), "--port", "0"]):
+        done = _tlpipe(*command)
+        assert done.returncode == 1, done.stdout  # serve never started: it exits instead of serving
+        assert done.stdout == "" and "metadata 'labels' must be" in done.stderr and "Traceback" not in done.stderr
+
+
 def test_serving_does_not_import_tensorflow_or_keras() -> None:
     check = (
-        "import sys, components.deploy.predict, components.apps.cli\n"
+        "import sys, components.deploy.predict, components.deploy.serve, components.apps.cli\n"
         "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'tensorflow', 'keras', 'tf2onnx', 'onnx'})\n"
         "sys.exit(f'imported {heavy}' if heavy else 0)"
     )

@@ -199,25 +199,32 @@ def inspect_image(path: Path, max_pixels: int, min_side: int, max_side: int) -> 
 def _to_8bit(image: Image.Image) -> Image.Image:
     """Integer and float single-channel modes as 8-bit "L", scaled rather than clipped.
 
-    No float copy of the whole image (a 6300x6300 16-bit PNG would cost 320 MB per copy): 16-bit
-    modes go through a lookup table, the others a block of rows at a time.
+    A strip of rows at a time, so no copy of the whole image is made besides the 8-bit result (a
+    float64 copy of a 6300x6300 16-bit PNG alone is 320 MB); 16-bit modes go through a lookup table.
     """
-    pixels = np.asarray(image)
+    width, height = image.size
+    rows = max(1, _BLOCK_PIXELS // max(1, width))
+
+    def strips() -> Iterator[tuple[int, np.ndarray]]:
+        for top in range(0, height, rows):
+            yield top, np.asarray(image.crop((0, top, width, min(height, top + rows))))
+
+    out = np.empty((height, width), dtype=np.uint8)
     if image.mode in _SIXTEEN_BIT_MODES:
-        return Image.fromarray(_SIXTEEN_TO_EIGHT[pixels], mode="L")
-    top = pixels.max() if pixels.size else 0
-    if image.mode == "F" and pixels.size and top <= 1.0:
+        for top, strip in strips():
+            out[top : top + rows] = _SIXTEEN_TO_EIGHT[strip]
+        return Image.fromarray(out, mode="L")
+    peak = np.max([strip.max() for _, strip in strips()]) if width and height else 0
+    if image.mode == "F" and width and height and peak <= 1.0:
         scale = 255.0  # float images in [0, 1]
-    elif pixels.size and top > 255:
+    elif width and height and peak > 255:
         # Mode "I" holds 16-bit PNGs on some Pillow versions; beyond that range, stretch to the max.
-        scale = 1 / 257.0 if top <= 65535 else 255.0 / top
+        scale = 1 / 257.0 if peak <= 65535 else 255.0 / peak
     else:
         scale = 1.0
-    out = np.empty(pixels.shape, dtype=np.uint8)
-    rows = max(1, _BLOCK_PIXELS // max(1, pixels.shape[1] if pixels.ndim > 1 else 1))
-    for start in range(0, len(pixels), rows):
-        block = pixels[start : start + rows].astype(np.float64)
-        out[start : start + rows] = np.clip(np.rint(block * scale if scale != 1.0 else block), 0, 255)
+    for top, strip in strips():
+        values = strip.astype(np.float64)
+        out[top : top + rows] = np.clip(np.rint(values * scale if scale != 1.0 else values), 0, 255)
     return Image.fromarray(out, mode="L")
 
 

@@ -87,6 +87,8 @@ def _check_metadata(session: ort.InferenceSession, labels: object, spec: object,
         raise refuse(f"metadata image_size must be a whole number of pixels from 1 to 4096, not {size!r}")
     if type(channels) is not int or channels not in (1, 3):
         raise refuse(f"metadata channels must be 1 or 3, not {channels!r}")
+    if spec.get("dtype") != "uint8":
+        raise refuse(f"metadata dtype must be 'uint8' (raw pixels), not {spec.get('dtype')!r}")
     node = inputs[name]
     if node.type != "tensor(uint8)":
         raise refuse(f"the graph takes {node.type}, not the uint8 pixels the metadata describes")
