@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import typing
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import BaseModel
 
-from components.core.config import load_params
+from components.core.config import Params, load_params, set_dotted
 from components.core.errors import PipelineError
 from tests.conftest import REPO
 
@@ -50,3 +53,115 @@ def test_mistakes_fail_naming_the_key(tmp_path: Path, edit, message: str) -> Non
 def test_relative_user_folders_are_taken_from_the_repository(tmp_path: Path) -> None:
     path = _write(tmp_path, lambda raw: raw["data"].update(source_dir="mine/source"))
     assert load_params(path).data.source_dir == str(tmp_path / "mine/source")
+
+
+def _numeric_keys(model: type[BaseModel], prefix: str = "") -> Iterator[tuple[str, bool]]:
+    """(dotted key, is a list of numbers) for every int/float field of the params models, nested sections included."""
+    for name, field in model.model_fields.items():
+        key = prefix + (field.alias or name)
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            yield from _numeric_keys(annotation, key + ".")
+            continue
+        kinds = set(typing.get_args(annotation)) | {annotation}
+        is_list = typing.get_origin(annotation) is tuple
+        inner = {typing.get_origin(k) or k for k in kinds}
+        flattened = set(inner)
+        for kind in kinds:  # tuple[Annotated[int, ...], ...] and Annotated[...] | None
+            for arg in typing.get_args(kind):
+                flattened |= {arg} | set(typing.get_args(arg))
+        if bool in flattened:
+            continue  # a real bool setting (or jit_compile: auto | bool)
+        if flattened & {int, float}:
+            yield key, is_list
+
+
+def test_every_numeric_setting_refuses_a_bool(tmp_path: Path) -> None:
+    keys = list(_numeric_keys(Params))
+    assert {"seed", "source.epochs", "finetune.epochs", "clean.val_fraction", "data.embedded_source_classes"} <= {
+        key for key, _ in keys
+    }
+    for key, is_list in keys:
+        path = _write(tmp_path, lambda raw: set_dotted(raw, {key: [True] if is_list else True}))
+        with pytest.raises(PipelineError) as error:
+            load_params(path)
+        assert f"'{key}" in str(error.value), key
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"seed": -5}, "'seed': Input should be greater than or equal to 0"),
+        ({"seed": 2**40}, "'seed': Input should be less than 4294967296"),
+        ({"seed": "42"}, "'seed': Input should be a valid integer"),
+        ({"source.epochs": True}, "'source.epochs': Value error, must be a whole number, not true"),
+        ({"finetune.epochs": 2.5}, "'finetune.epochs': Input should be a valid integer"),
+        ({"finetune.learning_rate": float("inf")}, "'finetune.learning_rate': Input should be a finite number"),
+        ({"finetune.learning_rate": float("nan")}, "'finetune.learning_rate'"),
+        ({"validate.drift_gate": "false"}, "'validate.drift_gate': Input should be a valid boolean"),
+        ({"source.sha256": "g" * 64}, "'source.sha256': String should match pattern"),
+        ({"source.sha256": "0" * 63}, "'source.sha256': String should match pattern"),
+        ({"validate.min_side": 600, "validate.max_side": 500},
+         "validate.min_side (600) is above validate.max_side (500)"),
+        ({"clean.val_fraction": 0.5, "clean.test_fraction": 0.4}, "val_fraction + test_fraction must be below 0.9"),
+        ({"data.embedded_source_classes": [1, 1]}, "data.embedded_source_classes must list one or more different"),
+        ({"data.embedded_target_classes": []}, "data.embedded_target_classes must list one or more different"),
+        ({"data.embedded_target_classes": [10]}, "'data.embedded_target_classes.0': Input should be less than or equal to 9"),
+        ({"evaluate.min_transfer_gain": 0.05}, "evaluate.min_transfer_gain gates a comparison"),
+        ({"source.mode": "download", "source.weights": "w.keras"}, "set source.sha256 to the file's 64-hex digest"),
+    ],
+)
+def test_ranges_types_and_rules_between_keys_fail_naming_the_keys(
+    tmp_path: Path, overrides: dict[str, object], message: str
+) -> None:
+    with pytest.raises(PipelineError) as error:
+        load_params(_write(tmp_path, lambda raw: set_dotted(raw, overrides)))
+    assert message in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"seed": 0},
+        {"seed": 2**32 - 1},
+        {"source.sha256": "AB" * 32},
+        {"finetune.learning_rate": 1},  # a whole number is a fine float
+        {"validate.min_side": 500, "validate.max_side": 500},
+        {"evaluate.min_transfer_gain": 0.05, "evaluate.compare_scratch": True},
+        {"finetune.jit_compile": True},
+    ],
+)
+def test_edge_values_inside_the_ranges_load(tmp_path: Path, overrides: dict[str, object]) -> None:
+    params = load_params(_write(tmp_path, lambda raw: set_dotted(raw, overrides)), root=tmp_path)
+    for key, value in overrides.items():
+        section, _, leaf = key.rpartition(".")
+        holder = getattr(params, "validation" if section == "validate" else section) if section else params
+        assert getattr(holder, leaf) == value
+
+
+def test_every_relative_path_setting_is_taken_from_the_params_files_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "project" / "conf"
+    folder.mkdir(parents=True)
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    set_dotted(raw, {
+        "data.source_dir": "photos/source", "data.target_dir": "~/photos/target",
+        "source.cache_dir": "cache/weights", "source.mode": "download", "source.weights": "backbones/b.keras",
+        "source.sha256": "0" * 64, "paths.raw": "data/raw", "paths.clean": str(tmp_path / "elsewhere"),
+    })
+    (folder / "params.yaml").write_text(yaml.safe_dump(raw))
+    monkeypatch.chdir(tmp_path)  # not the params file's folder: where the command runs must not matter
+
+    params = load_params(Path("project/conf/params.yaml"))
+    assert Path(params.data.source_dir).resolve() == folder / "photos/source"
+    assert Path(params.source.cache_dir).resolve() == folder / "cache/weights"
+    assert Path(params.source.weights).resolve() == folder / "backbones/b.keras"
+    assert params.paths.raw.resolve() == folder / "data/raw"
+    assert params.paths.clean == tmp_path / "elsewhere"  # absolute stays
+    assert params.data.target_dir == str(Path.home() / "photos/target")  # ~ is the home folder
+
+    url = load_params(_write(tmp_path, lambda raw: set_dotted(raw, {
+        "source.mode": "download", "source.weights": "https://example.org/b.keras", "source.sha256": "0" * 64,
+    })))
+    assert url.source.weights == "https://example.org/b.keras"  # a URL is not a path

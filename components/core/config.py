@@ -1,19 +1,42 @@
 """params.yaml, parsed once into frozen typed models: a typo or a bad value fails before any work.
 
-Every default lives in params.yaml alone, so every field here is required.
+Every default lives in params.yaml alone, so every field here is required. Types are strict (a
+YAML `true` is not the number 1, `"3"` is not 3), numbers finite and in range, and rules between
+keys (`validate.min_side <= validate.max_side`) are checked here, each error naming its keys.
+
+One rule for every path setting (`paths:`, `data.source_dir`/`target_dir`, `source.cache_dir`,
+a `source.weights` file): `~` is the home folder, and a relative path is taken from the folder
+of the params file, wherever the command runs from.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError, model_validator
 
 from components.core.errors import PipelineError
 
 DEFAULT_PARAMS = Path("params.yaml")
+
+
+def _not_a_bool(kind: str) -> BeforeValidator:
+    def check(value: object) -> object:
+        if isinstance(value, bool):  # YAML's true/false would otherwise pass as 1/0
+            raise ValueError(f"must be {kind}, not {str(value).lower()}")
+        return value
+
+    return BeforeValidator(check)
+
+
+# Whole numbers: strict, so true, 3.0 and "3" are refused. Numbers: an integer is fine, a bool,
+# infinity or NaN is not.
+Int = Annotated[int, _not_a_bool("a whole number"), Strict()]
+Float = Annotated[float, _not_a_bool("a number"), Field(allow_inf_nan=False)]
+Bool = Annotated[bool, Strict()]
+SEED_LIMIT = 2**32  # numpy's and TensorFlow's seeds are 32-bit
 
 
 class _Section(BaseModel):
@@ -23,10 +46,18 @@ class _Section(BaseModel):
 class DataParams(_Section):
     source_dir: str
     target_dir: str
-    embedded_source_classes: tuple[int, ...]
-    embedded_target_classes: tuple[int, ...]
-    image_size: int = Field(ge=8, le=1024)
+    embedded_source_classes: tuple[Annotated[Int, Field(ge=0, le=9)], ...]
+    embedded_target_classes: tuple[Annotated[Int, Field(ge=0, le=9)], ...]
+    image_size: Int = Field(ge=8, le=1024)
     color_mode: Literal["grayscale", "rgb"]
+
+    @model_validator(mode="after")
+    def _digit_sets(self) -> "DataParams":
+        for key in ("embedded_source_classes", "embedded_target_classes"):
+            digits = getattr(self, key)
+            if not digits or len(set(digits)) != len(digits):
+                raise ValueError(f"data.{key} must list one or more different digits 0-9, got {list(digits)}")
+        return self
 
     @property
     def channels(self) -> int:
@@ -38,27 +69,36 @@ class DataParams(_Section):
 
 
 class ValidateParams(_Section):
-    min_images_per_class: int = Field(ge=1)
-    min_side: int = Field(ge=1)
-    max_side: int = Field(ge=1)
-    max_pixels: int = Field(ge=1)
-    max_aspect_ratio: float = Field(ge=1)
-    max_imbalance_ratio: float = Field(ge=1)
-    allow_class_overlap: bool
-    drift_gate: bool
-    drift_max_class_share_change: float = Field(ge=0)
-    drift_max_size_change: float = Field(ge=0)
-    drift_max_channel_change: float = Field(ge=0)
+    min_images_per_class: Int = Field(ge=1)
+    min_side: Int = Field(ge=1)
+    max_side: Int = Field(ge=1)
+    max_pixels: Int = Field(ge=1)
+    max_aspect_ratio: Float = Field(ge=1)
+    max_imbalance_ratio: Float = Field(ge=1)
+    allow_class_overlap: Bool
+    drift_gate: Bool
+    drift_max_class_share_change: Float = Field(ge=0)
+    drift_max_size_change: Float = Field(ge=0)
+    drift_max_channel_change: Float = Field(ge=0)
+
+    @model_validator(mode="after")
+    def _sides_in_order(self) -> "ValidateParams":
+        if self.min_side > self.max_side:
+            raise ValueError(
+                f"validate.min_side ({self.min_side}) is above validate.max_side ({self.max_side}): "
+                "every image would be refused; lower min_side or raise max_side"
+            )
+        return self
 
 
 class CleanParams(_Section):
-    val_fraction: float = Field(gt=0, lt=1)
-    test_fraction: float = Field(gt=0, lt=1)
-    target_train_per_class: int | None = Field(ge=1)
-    near_duplicate_distance: int = Field(ge=-1, le=64)
-    near_duplicate_min_side: int = Field(ge=1)
-    split_share_tolerance: float = Field(gt=0, lt=1)
-    workers: int = Field(ge=0)
+    val_fraction: Float = Field(gt=0, lt=1)
+    test_fraction: Float = Field(gt=0, lt=1)
+    target_train_per_class: Int | None = Field(ge=1)
+    near_duplicate_distance: Int = Field(ge=-1, le=64)
+    near_duplicate_min_side: Int = Field(ge=1)
+    split_share_tolerance: Float = Field(gt=0, lt=1)
+    workers: Int = Field(ge=0)
 
     @model_validator(mode="after")
     def _fractions_leave_a_train_split(self) -> "CleanParams":
@@ -72,80 +112,87 @@ Backbone = Literal["simple_cnn", "mobilenet_v3_small", "mobilenet_v3_large", "ef
 
 class ModelParams(_Section):
     backbone: Backbone
-    width: int = Field(ge=1)
-    dropout: float = Field(ge=0, lt=1)
+    width: Int = Field(ge=1)
+    dropout: Float = Field(ge=0, lt=1)
 
 
 class SourceParams(_Section):
     mode: Literal["train", "download"]
     weights: str
-    sha256: str
+    sha256: str = Field(pattern=r"^([0-9a-fA-F]{64})?$")  # a digest, or empty
     mirror: str = Field(pattern=r"^(https?|file)://")
     cache_dir: str
-    epochs: int = Field(ge=1)
-    batch_size: int = Field(ge=1)
-    learning_rate: float = Field(gt=0)
-    patience: int = Field(ge=1)
+    epochs: Int = Field(ge=1)
+    batch_size: Int = Field(ge=1)
+    learning_rate: Float = Field(gt=0)
+    patience: Int = Field(ge=1)
 
     @model_validator(mode="after")
     def _download_names_weights(self) -> "SourceParams":
         if self.mode == "download" and not self.weights:
             raise ValueError("mode 'download' needs weights: imagenet, a file path or an http(s) URL")
-        if self.mode == "download" and self.weights != "imagenet" and len(self.sha256) != 64:
-            raise ValueError("weights from a file or URL must be pinned: set sha256 to the file's 64-hex digest")
-        if self.sha256 and len(self.sha256) != 64:
-            raise ValueError("sha256 must be a 64-hex digest, or empty")
+        if self.mode == "download" and self.weights != "imagenet" and not self.sha256:
+            raise ValueError("weights from a file or URL must be pinned: set source.sha256 to the file's 64-hex digest")
         return self
 
 
 class TransferParams(_Section):
     layers: tuple[str, ...]
     match: Literal["name", "position"]
-    adapt_channels: bool
+    adapt_channels: Bool
     # all | none | until:<layer name prefix> | top:<N trainable>
     freeze: str = Field(pattern=r"^(all|none|until:\S+|top:\d+)$")
 
 
 class FinetuneParams(_Section):
-    batch_size: int = Field(ge=1)
-    head_epochs: int = Field(ge=0)
-    head_learning_rate: float = Field(gt=0)
-    epochs: int = Field(ge=0)
-    learning_rate: float = Field(gt=0)
-    unfreeze_top: int = Field(ge=-1)
-    patience: int = Field(ge=1)
-    warmup_epochs: int = Field(ge=0)
-    cosine_decay: bool
-    label_smoothing: float = Field(ge=0, lt=1)
+    batch_size: Int = Field(ge=1)
+    head_epochs: Int = Field(ge=0)
+    head_learning_rate: Float = Field(gt=0)
+    epochs: Int = Field(ge=0)
+    learning_rate: Float = Field(gt=0)
+    unfreeze_top: Int = Field(ge=-1)
+    patience: Int = Field(ge=1)
+    warmup_epochs: Int = Field(ge=0)
+    cosine_decay: Bool
+    label_smoothing: Float = Field(ge=0, lt=1)
     class_weight: Literal["balanced", "none"]
     augment_flip: Literal["none", "horizontal", "vertical", "horizontal_and_vertical"]
-    augment_rotation: float = Field(ge=0, le=0.5)
-    augment_zoom: float = Field(ge=0, lt=1)
-    augment_contrast: float = Field(ge=0, lt=1)
+    augment_rotation: Float = Field(ge=0, le=0.5)
+    augment_zoom: Float = Field(ge=0, lt=1)
+    augment_contrast: Float = Field(ge=0, lt=1)
     precision: Literal["auto", "float32", "mixed_bfloat16", "mixed_float16"]
-    jit_compile: Literal["auto"] | bool
-    data_parallel: bool
-    min_steps_per_epoch: int = Field(ge=0)
+    jit_compile: Literal["auto"] | Bool
+    data_parallel: Bool
+    min_steps_per_epoch: Int = Field(ge=0)
 
 
 class EvaluateParams(_Section):
-    min_accuracy: float = Field(ge=0, le=1)
-    min_macro_f1: float = Field(ge=0, le=1)
-    compare_scratch: bool
-    min_transfer_gain: float | None = Field(ge=-1, le=1)
+    min_accuracy: Float = Field(ge=0, le=1)
+    min_macro_f1: Float = Field(ge=0, le=1)
+    compare_scratch: Bool
+    min_transfer_gain: Float | None = Field(ge=-1, le=1)
+
+    @model_validator(mode="after")
+    def _gain_needs_a_comparison(self) -> "EvaluateParams":
+        if self.min_transfer_gain is not None and not self.compare_scratch:
+            raise ValueError(
+                "evaluate.min_transfer_gain gates a comparison that evaluate.compare_scratch: false never makes: "
+                "set compare_scratch: true, or min_transfer_gain: null"
+            )
+        return self
 
 
 class ExportParams(_Section):
-    opset: int = Field(ge=13)
-    max_abs_diff: float = Field(gt=0)
-    parity_images: int = Field(ge=1)
+    opset: Int = Field(ge=13)
+    max_abs_diff: Float = Field(gt=0)
+    parity_images: Int = Field(ge=1)
     variants: tuple[Literal["optimized", "int8"], ...]
-    int8_max_accuracy_drop: float = Field(ge=0, le=1)
-    calibration_images: int = Field(ge=1)
+    int8_max_accuracy_drop: Float = Field(ge=0, le=1)
+    calibration_images: Int = Field(ge=1)
 
 
 class PromoteParams(_Section):
-    max_regression: float = Field(ge=0, le=1)
+    max_regression: Float = Field(ge=0, le=1)
     tag_prefix: str = Field(pattern=r"^[A-Za-z0-9._/-]*$")
 
 
@@ -185,7 +232,7 @@ class Paths(_Section):
 
 
 class Params(_Section):
-    seed: int
+    seed: Int = Field(ge=0, lt=SEED_LIMIT)
     data: DataParams
     validate_: ValidateParams = Field(alias="validate")
     clean: CleanParams
@@ -203,11 +250,21 @@ class Params(_Section):
         return self.validate_
 
     def resolve(self, root: Path) -> "Params":
-        """The same params with every relative path (paths:, data folders) taken from `root` (the repository)."""
-        resolved = {name: root / path for name, path in self.paths.model_dump().items()}
-        folders = {key: str(root / value) for key in ("source_dir", "target_dir") if (value := getattr(self.data, key))}
-        data = self.data.model_copy(update=folders)
-        return self.model_copy(update={"paths": Paths(**resolved), "data": data})
+        """The same params with every path setting taken from `root` (the params file's folder) when relative."""
+        def under_root(value: str | Path) -> Path:
+            return root / Path(value).expanduser()  # an absolute path (or ~) stays what it is
+
+        resolved = {name: under_root(path) for name, path in self.paths.model_dump().items()}
+        folders = {key: str(under_root(value)) for key in ("source_dir", "target_dir") if (value := getattr(self.data, key))}
+        source: dict[str, str] = {"cache_dir": str(under_root(self.source.cache_dir))}
+        weights = self.source.weights
+        if weights and weights != "imagenet" and "://" not in weights:  # a file, not a URL
+            source["weights"] = str(under_root(weights))
+        return self.model_copy(update={
+            "paths": Paths(**resolved),
+            "data": self.data.model_copy(update=folders),
+            "source": self.source.model_copy(update=source),
+        })
 
 
 def _describe(error: ValidationError, source: Path) -> str:
