@@ -94,7 +94,7 @@ def test_every_numeric_setting_refuses_a_bool(tmp_path: Path) -> None:
         ({"seed": -5}, "'seed': Input should be greater than or equal to 0"),
         ({"seed": 2**40}, "'seed': Input should be less than 4294967296"),
         ({"seed": "42"}, "'seed': Input should be a valid integer"),
-        ({"source.epochs": True}, "'source.epochs': Value error, must be a whole number, not true"),
+        ({"source.epochs": True}, "'source.epochs': must be a whole number, not true"),
         ({"finetune.epochs": 2.5}, "'finetune.epochs': Input should be a valid integer"),
         ({"finetune.learning_rate": float("inf")}, "'finetune.learning_rate': Input should be a finite number"),
         ({"finetune.learning_rate": float("nan")}, "'finetune.learning_rate'"),

@@ -277,7 +277,7 @@ def _describe(error: ValidationError, source: Path) -> str:
         elif item["type"] == "missing":
             lines.append(f"  - missing key '{key}': add it (the repository's params.yaml lists every key)")
         else:
-            lines.append(f"  - '{key}': {item['msg']}")
+            lines.append(f"  - '{key}': {item['msg'].removeprefix('Value error, ')}")
     return "\n".join(lines)
 
 
