@@ -82,7 +82,8 @@ def test_every_numeric_setting_refuses_a_bool(tmp_path: Path) -> None:
         key for key, _ in keys
     }
     for key, is_list in keys:
-        path = _write(tmp_path, lambda raw: set_dotted(raw, {key: [True] if is_list else True}))
+        bad = [True] if is_list else True
+        path = _write(tmp_path, lambda raw, key=key, bad=bad: set_dotted(raw, {key: bad}))
         with pytest.raises(PipelineError) as error:
             load_params(path)
         assert f"'{key}" in str(error.value), key

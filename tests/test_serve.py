@@ -268,7 +268,7 @@ def test_bad_serve_options_fail_at_start(onnx_model: Path, option: str, value: s
 
 
 def test_every_setting_refuses_bools_and_non_positive_values() -> None:
-    for field, default in ServeSettings().__dict__.items():
+    for field in ServeSettings().__dict__:
         for bad in (True, -1, float("inf")) + ((0,) if field != "batch_window_ms" else ()):
             with pytest.raises(PipelineError, match="--" + field.replace("_", "-")):
                 ServeSettings(**{field: bad})

@@ -5,12 +5,15 @@ needs neither TensorFlow nor Keras nor params.yaml. Each file is decoded and res
 clean stage stored the training images (components.data.images.load_normalized: EXIF orientation,
 alpha on white, 16-bit scaled, Pillow's area-like downscaling); the model's own resize layer
 then has nothing left to do, so a large photo is not aliased by a resize training never used.
+The metadata is checked against the graph when the model loads: a file whose metadata lies is
+refused then, by `tlpipe predict` and `tlpipe serve` alike, never per image.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -93,7 +96,9 @@ def _check_metadata(session: ort.InferenceSession, labels: object, spec: object,
     if node.type != "tensor(uint8)":
         raise refuse(f"the graph takes {node.type}, not the uint8 pixels the metadata describes")
     if len(node.shape) != 4 or node.shape[3] != channels:
-        raise refuse(f"the graph's input shape {node.shape} is not NHWC with {channels} channel(s) as the metadata says")
+        raise refuse(
+            f"the graph's input shape {node.shape} is not NHWC with {channels} channel(s) as the metadata says"
+        )
     fixed = [side for side in node.shape[1:3] if isinstance(side, int)]
     if any(side != size for side in fixed):
         raise refuse(f"the graph's input is {node.shape[1]}x{node.shape[2]}, the metadata's image_size is {size}")
@@ -101,9 +106,13 @@ def _check_metadata(session: ort.InferenceSession, labels: object, spec: object,
     try:
         output = session.run(None, {name: np.zeros((1, size, size, channels), dtype=np.uint8)})[0]
     except Exception as error:  # onnxruntime's run errors share no useful base class
-        raise refuse(f"the graph fails on a {size}x{size}x{channels} image as the metadata describes ({error})")
+        raise refuse(
+            f"the graph fails on a {size}x{size}x{channels} image as the metadata describes ({error})"
+        ) from None
     if output.shape != (1, len(labels)):
-        raise refuse(f"the graph answers shape {list(output.shape)} per image, the metadata names {len(labels)} labels")
+        raise refuse(
+            f"the graph answers shape {list(output.shape)} per image, the metadata names {len(labels)} labels"
+        )
     return name, size, channels
 
 
@@ -112,21 +121,22 @@ def top_indices(probabilities: np.ndarray, k: int) -> np.ndarray:
     return np.argsort(-probabilities, kind="stable")[:k]
 
 
-def predict_files(model_path: Path, images: list[Path], top_k: int = 1) -> list[dict[str, object]]:
+def predict_files(model_path: Path, images: list[Path], top_k: int = 1) -> list[dict[str, Any]]:
     """Per image, best first: {"image": path, "top_k": [{"label", "probability"}, ...]} (the server's shape)."""
     if top_k < 1:
         raise PipelineError(f"--top-k must be at least 1, got {top_k}")
     model = OnnxModel(model_path)
     k = min(top_k, len(model.labels))
-    answers: list[dict[str, object]] = []
+    answers = []
     for path in map(Path, images):
         probabilities = model.session.run(None, {model.input_name: model.pixels(path)})[0][0]
-        ranked = [{"label": model.labels[i], "probability": float(probabilities[i])} for i in top_indices(probabilities, k)]
+        ranked = [{"label": model.labels[i], "probability": float(probabilities[i])}
+                  for i in top_indices(probabilities, k)]
         answers.append({"image": str(path), "top_k": ranked})
     return answers
 
 
-def as_line(answer: dict[str, object]) -> str:
+def as_line(answer: dict[str, Any]) -> str:
     """One answer for people and shell tools: `path<TAB>label:prob<TAB>label:prob...`, whatever k is."""
-    pairs = "\t".join(f"{pair['label']}:{pair['probability']:.4f}" for pair in answer["top_k"])  # type: ignore[attr-defined]
+    pairs = "\t".join(f"{pair['label']}:{pair['probability']:.4f}" for pair in answer["top_k"])
     return f"{answer['image']}\t{pairs}"
