@@ -8,14 +8,17 @@
   to a multiple of the data-parallel device count and the padding is cut off the outputs, so no
   image is dropped or counted twice.
 
-Batches are gathered from memory-mapped shards (no decode) by a few threads with a bounded
-queue ahead of the model (Keras `PyDataset` workers); augmentation stays in the model.
+Batches are positional reads from the shards (no decode), made in the calling thread: on
+TensorFlow, Keras runs the feed inside tf.data with prefetch, so reading overlaps the step; on JAX
+it is synchronous, like `fit` on in-memory arrays (docs/data-format.md compares the two). Keras's
+thread workers are not used: each epoch starts new threads, and each new thread's malloc arena
+kept its batches, growing resident memory with every epoch (measured: +150 MB evaluating 12,800
+64-px images). Augmentation stays in the model.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import threading
 
 import keras
@@ -23,10 +26,6 @@ import numpy as np
 
 from components.data.dataset import Split
 
-# Gathering a batch is a memory copy from the page cache; two threads keep ahead of a CPU step
-# and of an accelerator's (docs/data-format.md), more only contend for the same cores.
-WORKERS = min(4, os.cpu_count() or 1)
-QUEUE = 8
 
 
 def replicas() -> int:
@@ -41,10 +40,6 @@ def replicas() -> int:
     return int(np.prod(mesh.shape)) if mesh is not None else 1
 
 
-def _feed_options() -> dict[str, object]:
-    return {"workers": WORKERS, "use_multiprocessing": False, "max_queue_size": QUEUE} if WORKERS > 1 else {}
-
-
 class TrainFeed(keras.utils.PyDataset):
     """Shuffled (x uint8, y one-hot[, sample weight]) batches of one split for `fit`.
 
@@ -55,7 +50,7 @@ class TrainFeed(keras.utils.PyDataset):
 
     def __init__(self, split: Split, batch_size: int, *, seed: int, min_steps: int = 0,
                  class_weight: dict[int, float] | None = None, multiple: int = 1) -> None:
-        super().__init__(**_feed_options())
+        super().__init__()
         n = len(split)
         batch = min(batch_size, n)
         # A multiple of the device count, at least one image per device.
@@ -96,7 +91,7 @@ class _InOrder(keras.utils.PyDataset):
     """A split's images in order, the last batch padded (repeating its last image) to `multiple`."""
 
     def __init__(self, split: Split, batch_size: int, multiple: int) -> None:
-        super().__init__(**_feed_options())
+        super().__init__()
         self.split, self.multiple = split, multiple
         self.batch_size = max(multiple, min(batch_size, len(split)) // multiple * multiple)
 
