@@ -16,7 +16,9 @@ import keras
 from components.core.artifacts import write_json
 from components.core.config import FinetuneParams, Params
 from components.data.dataset import Split, load_split
-from components.training.models import BACKBONE_NAME, MODEL_FILE, load_model_dir, save_model_dir
+from components.training.models import (
+    BACKBONE_NAME, MODEL_FILE, keep_batchnorm_inference, load_model_dir, save_model_dir,
+)
 from components.training.trainer import (
     Augment, Checkpoint, Curves, FitResult, Recipe, accelerators, data_parallel, evaluate, fit,
     resolve_precision, with_precision,
@@ -47,14 +49,19 @@ def recipe(cfg: FinetuneParams) -> Recipe:
 
 
 def unfreeze_top(model: keras.Model, count: int) -> list[str]:
-    """Make the top `count` weighted backbone layers trainable (-1: all); returns their names."""
+    """Make the top `count` weighted backbone layers trainable (-1: all); returns their names.
+
+    BatchNorm layers among them stay frozen, in inference mode (their moving statistics are the
+    source task's, and a small target batch would overwrite them), so they are not in the list.
+    """
     backbone = model.get_layer(BACKBONE_NAME)
     weighted = [layer for layer in backbone.layers if layer.weights]
     chosen = weighted if count < 0 else weighted[len(weighted) - count :] if count else []
     backbone.trainable = bool(chosen)
     for layer in weighted:
         layer.trainable = layer in chosen
-    return [layer.name for layer in chosen]
+    kept = set(keep_batchnorm_inference(backbone))
+    return [layer.name for layer in chosen if layer.name not in kept]
 
 
 def _fingerprint(params: Params, train: Split, val: Split) -> str:
@@ -77,6 +84,7 @@ def run(params: Params) -> FinetuneResult:
     policy = resolve_precision(cfg.precision)
     with data_parallel(cfg.data_parallel) as devices:
         model, classes = load_model_dir(params.paths.transferred_model)
+        keep_batchnorm_inference(model)  # also in the head phase, whatever transfer.freeze left trainable
         trainee = with_precision(model, policy)
         log.info("fine-tuning on %d images of %d classes (backend %s, %s, %d replica(s), accelerators: %s)",
                  len(train), len(classes), keras.backend.backend(), policy, max(len(devices), 1),
