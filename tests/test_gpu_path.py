@@ -13,7 +13,8 @@ import numpy as np
 
 from components import finetune
 from components.core.config import Params
-from components.training.models import BACKBONE_NAME, load_model_dir, save_model_dir
+from components.training.models import BACKBONE_NAME, build_model, load_model_dir, save_model_dir
+from components.training.trainer import Augment, compile_model, with_augmentation, with_precision
 from tests.test_resume import NO_AUGMENT, TEXTURES, finetune_workspace
 
 # One unfrozen phase over every layer (the default recipe's shape), short.
@@ -57,3 +58,44 @@ def test_finetuning_every_layer_keeps_batchnorm_in_inference_mode(tmp_path: Path
     # The convolutions did train: the statistics held because BatchNorm was frozen, not because nothing moved.
     conv = transferred.get_layer(BACKBONE_NAME).get_layer("block1_conv1").get_weights()[0]
     assert np.abs(finetuned.get_layer(BACKBONE_NAME).get_layer("block1_conv1").get_weights()[0] - conv).max() > 1e-4
+
+
+def _conv_kernel_steps(model: keras.Model, x: np.ndarray, y: np.ndarray) -> list[float]:
+    """The largest change of each backbone convolution kernel in one training step."""
+    convs = [layer for layer in model.get_layer(BACKBONE_NAME).layers if isinstance(layer, keras.layers.Conv2D)]
+    before = [layer.get_weights()[0] for layer in convs]
+    model.train_on_batch(x, y)
+    return [float(np.abs(layer.get_weights()[0] - old).max()) for layer, old in zip(convs, before)]
+
+
+def test_mixed_float16_training_scales_the_loss_so_tiny_gradients_survive(params: Params) -> None:
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (8, params.data.image_size, params.data.image_size, 1), dtype=np.uint8)
+    y = np.eye(3, dtype="float32")[rng.integers(0, 3, 8)]
+
+    def trainee() -> keras.Model:
+        # A near-zero head makes the gradients reaching the float16 backbone fall below
+        # float16's smallest subnormal (6e-8): unscaled, they round to zero.
+        keras.utils.set_random_seed(params.seed)
+        model = build_model(params.model, params.data, 3, bn_inference=True)
+        kernel, bias = model.get_layer("head").get_weights()
+        model.get_layer("head").set_weights([kernel * 1e-6, bias])
+        return with_precision(model, "mixed_float16")
+
+    unscaled = trainee()
+    unscaled.compile(optimizer=keras.optimizers.Adam(1e-3), loss="categorical_crossentropy")
+    assert max(_conv_kernel_steps(unscaled, x, y)) == 0.0  # the underflow this guards against
+
+    scaled = trainee()
+    compile_model(scaled, 1e-3)
+    assert isinstance(scaled.optimizer, keras.optimizers.LossScaleOptimizer)
+    assert min(_conv_kernel_steps(scaled, x, y)) > 0.0
+
+
+def test_loss_scaling_follows_the_layers_policy_inside_the_augmentation_wrapper(params: Params) -> None:
+    model = build_model(params.model, params.data, 3, bn_inference=True)
+    for policy, scaled in (("float32", False), ("mixed_bfloat16", False), ("mixed_float16", True)):
+        # The wrapper fine-tuning compiles is a float32 model around the float16 one.
+        trainer = with_augmentation(with_precision(model, policy), Augment(zoom=0.1), seed=0)
+        compile_model(trainer, 1e-3)
+        assert isinstance(trainer.optimizer, keras.optimizers.LossScaleOptimizer) is scaled, policy

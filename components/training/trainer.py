@@ -250,9 +250,19 @@ def class_weights(labels: np.ndarray, num_classes: int) -> dict[int, float]:
 
 def compile_model(model: keras.Model, rate: float | object, label_smoothing: float = 0.0,
                   jit_compile: bool | str = "auto") -> None:
+    """Adam on categorical cross-entropy; with loss scaling when any layer computes in float16.
+
+    Keras wraps the optimizer in a LossScaleOptimizer only when the *outer* model's policy is
+    mixed_float16, which a model cloned layer by layer (with_precision) or wrapped for augmentation
+    never has: float16 gradients below 6e-8 would silently become zeros. bfloat16 has float32's
+    range and needs no scaling.
+    """
+    optimizer = keras.optimizers.Adam(rate)
+    if any(layer.dtype_policy.name == "mixed_float16" for layer in _all_layers(model)):
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     # One-hot targets: label smoothing needs them, and the same loss serves both cases.
     model.compile(
-        optimizer=keras.optimizers.Adam(rate),
+        optimizer=optimizer,
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing),
         metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
         jit_compile=jit_compile,
