@@ -65,10 +65,14 @@ def unfreeze_top(model: keras.Model, count: int) -> list[str]:
 
 
 def _fingerprint(params: Params, train: Split, val: Split) -> str:
-    """What a checkpoint must match to be resumed: the starting model, the data, the recipe and seed."""
+    """What a checkpoint must match to be resumed: the starting model, the data, the recipe and seed.
+
+    Not `precision` as written (auto): the checkpoint's settings hold the policy it resolved to.
+    """
     digest = hashlib.sha256()
     digest.update((params.paths.transferred_model / MODEL_FILE).read_bytes())
-    digest.update(json.dumps([params.seed, params.finetune.model_dump(mode="json")], sort_keys=True).encode())
+    recipe = params.finetune.model_dump(mode="json", exclude={"precision"})
+    digest.update(json.dumps([params.seed, recipe], sort_keys=True).encode())
     for split in (train, val):
         digest.update(split.x.tobytes())
         digest.update(split.y.tobytes())
@@ -79,9 +83,10 @@ def run(params: Params) -> FinetuneResult:
     cfg = params.finetune
     train, val = load_split(params.paths.clean, "target", "train"), load_split(params.paths.clean, "target", "val")
     keras.utils.set_random_seed(params.seed)
-    checkpoint = Checkpoint(params.paths.finetune_checkpoint, _fingerprint(params, train, val))
-    resuming = checkpoint.load()
     policy = resolve_precision(cfg.precision)
+    checkpoint = Checkpoint(params.paths.finetune_checkpoint, _fingerprint(params, train, val),
+                            {"backend": keras.backend.backend(), "precision": policy})
+    resuming = checkpoint.load()
     with data_parallel(cfg.data_parallel) as devices:
         model, classes = load_model_dir(params.paths.transferred_model)
         keep_batchnorm_inference(model)  # also in the head phase, whatever transfer.freeze left trainable

@@ -6,13 +6,15 @@ reported validation figures, and steady-state throughput.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import keras
 import numpy as np
+import pytest
 
 from components import finetune
-from components.core.config import Params
+from components.core.config import Params, with_overrides
 from components.training.models import BACKBONE_NAME, build_model, load_model_dir, save_model_dir
 from components.training.trainer import Augment, compile_model, with_augmentation, with_precision
 from tests.test_resume import NO_AUGMENT, TEXTURES, finetune_workspace
@@ -99,3 +101,32 @@ def test_loss_scaling_follows_the_layers_policy_inside_the_augmentation_wrapper(
         trainer = with_augmentation(with_precision(model, policy), Augment(zoom=0.1), seed=0)
         compile_model(trainer, 1e-3)
         assert isinstance(trainer.optimizer, keras.optimizers.LossScaleOptimizer) is scaled, policy
+
+
+def test_a_checkpoint_resumes_only_under_the_precision_it_was_written_with(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    params, _ = finetune_workspace(tmp_path, {**UNFROZEN, "finetune.precision": "float32"})
+    # A float32 run that trains both epochs, then fails to write its model (the models folder's
+    # parent is a file): its checkpoint stays, unfinished and resumable.
+    blocker = tmp_path / "blocker"
+    blocker.write_text("not a folder")
+    with pytest.raises(OSError):
+        finetune.run(with_overrides(params, {"paths.finetuned_model": str(blocker / "finetuned")}))
+    state = json.loads((params.paths.finetune_checkpoint / "state.json").read_text())
+    assert state["epoch"] == 2 and not state.get("finished")
+    assert state["settings"] == {"backend": keras.backend.backend(), "precision": "float32"}
+
+    # `auto` resolves to float32 on this CPU: the same run, so it resumes (and fails to save again).
+    with caplog.at_level(logging.INFO, logger="components.training.trainer"), pytest.raises(OSError):
+        finetune.run(with_overrides(params, {"finetune.precision": "auto",
+                                             "paths.finetuned_model": str(blocker / "finetuned")}))
+    assert "unfrozen: resuming after epoch 2 of 2" in caplog.text
+    caplog.clear()
+
+    # bf16, what `auto` resolves to on a GPU: the checkpoint is not resumed, and the log says why.
+    with caplog.at_level(logging.WARNING, logger="components.training.trainer"):
+        finetune.run(with_overrides(params, {"finetune.precision": "mixed_bfloat16"}))
+    report = json.loads(params.paths.finetune_report.read_text())
+    assert report["resumed"] is False and report["precision"] == "mixed_bfloat16"
+    assert report["phases"]["unfrozen"]["resumed_from_epoch"] == 0
+    assert "precision float32 there, mixed_bfloat16 now" in caplog.text

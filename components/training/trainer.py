@@ -73,12 +73,15 @@ class Checkpoint:
     """The training state after the last completed epoch, in one folder replaced whole (atomic_dir).
 
     `fingerprint` names the inputs (params, data, starting model): a checkpoint written for other
-    inputs is ignored, never resumed. `context`/`context_arrays` carry the caller's own state
-    (e.g. the results of phases already finished) through every save.
+    inputs is ignored, never resumed. `settings` names how the run computes, as resolved on this
+    machine (backend, precision policy): `precision: auto` is float32 on a CPU and bf16 on a GPU, so
+    a checkpoint moved between them holds the same params but not the same run; it is ignored too,
+    with a warning saying which setting differs. `context`/`context_arrays` carry the caller's own
+    state (e.g. the results of phases already finished) through every save.
     """
 
-    def __init__(self, directory: Path, fingerprint: str) -> None:
-        self.directory, self.fingerprint = Path(directory), fingerprint
+    def __init__(self, directory: Path, fingerprint: str, settings: dict[str, str] | None = None) -> None:
+        self.directory, self.fingerprint, self.settings = Path(directory), fingerprint, dict(settings or {})
         self.state: dict | None = None
         self.arrays: dict[str, list[np.ndarray]] = {}
         self.context: dict = {}
@@ -90,9 +93,18 @@ class Checkpoint:
         if not path.is_file():
             return False
         state = json.loads(path.read_text())
-        if state.get("fingerprint") != self.fingerprint or state.get("finished"):
-            if not state.get("finished"):
-                log.info("ignoring the checkpoint in %s: it was written for other inputs", self.directory)
+        if state.get("finished"):
+            return False
+        written = state.get("settings", {})
+        if written != self.settings:
+            differ = ", ".join(f"{key} {written.get(key, 'unrecorded')} there, {self.settings.get(key, 'unset')} now"
+                               for key in sorted(set(written) | set(self.settings))
+                               if written.get(key) != self.settings.get(key))
+            log.warning("ignoring the checkpoint in %s, written under other settings (%s): starting fresh",
+                        self.directory, differ)
+            return False
+        if state.get("fingerprint") != self.fingerprint:
+            log.info("ignoring the checkpoint in %s: it was written for other inputs", self.directory)
             return False
         with np.load(self.directory / ARRAYS_FILE) as stored:
             groups: dict[str, list[np.ndarray]] = {}
@@ -110,13 +122,15 @@ class Checkpoint:
         with atomic_dir(self.directory) as temp:
             np.savez(temp / ARRAYS_FILE, **flat)
             (temp / STATE_FILE).write_text(json.dumps({**state, "fingerprint": self.fingerprint,
-                                                       "context": self.context}, indent=1) + "\n")
+                                                       "settings": self.settings, "context": self.context},
+                                                      indent=1) + "\n")
         self.state, self.arrays = state, arrays
 
     def finish(self) -> None:
         """Mark the run complete: the folder stays (DVC declares it), but holds nothing to resume."""
         with atomic_dir(self.directory) as temp:
-            (temp / STATE_FILE).write_text(json.dumps({"fingerprint": self.fingerprint, "finished": True}) + "\n")
+            (temp / STATE_FILE).write_text(json.dumps({"fingerprint": self.fingerprint, "settings": self.settings,
+                                                       "finished": True}) + "\n")
 
 
 class Curves:
