@@ -125,7 +125,8 @@ def run(params: Params) -> FinetuneResult:
         if trainee is not model:  # the float32 original is what gets saved and exported
             unfreeze_top(model, cfg.unfreeze_top if unfrozen else 0)
             model.set_weights(trainee.get_weights())
-        val_accuracy = evaluate(model, val)["accuracy"]
+        # Both reported figures from the model that is saved (trainee may compute in bf16).
+        final = evaluate(model, val)
     save_model_dir(model, classes, params.paths.finetuned_model)
     write_json(params.paths.finetune_report, {
         "backend": keras.backend.backend(),
@@ -139,9 +140,9 @@ def run(params: Params) -> FinetuneResult:
         "train_images": len(train),
         "val_images": len(val),
         "kept_phase": kept,
-        "val_loss": round(float(best_loss), 6),
-        "val_accuracy": round(float(val_accuracy), 6),
+        "val_loss": round(final["loss"], 6),
+        "val_accuracy": round(final["accuracy"], 6),
         "phases": {name: asdict(result) for name, result in phases.items()},
     })
     checkpoint.finish()
-    return FinetuneResult(float(val_accuracy), kept)
+    return FinetuneResult(final["accuracy"], kept)

@@ -16,7 +16,8 @@ import pytest
 from components import finetune
 from components.core.config import Params, with_overrides
 from components.training.models import BACKBONE_NAME, build_model, load_model_dir, save_model_dir
-from components.training.trainer import Augment, compile_model, with_augmentation, with_precision
+from components.data.dataset import load_split
+from components.training.trainer import Augment, compile_model, evaluate, with_augmentation, with_precision
 from tests.test_resume import NO_AUGMENT, TEXTURES, finetune_workspace
 
 # One unfrozen phase over every layer (the default recipe's shape), short.
@@ -103,7 +104,7 @@ def test_loss_scaling_follows_the_layers_policy_inside_the_augmentation_wrapper(
         assert isinstance(trainer.optimizer, keras.optimizers.LossScaleOptimizer) is scaled, policy
 
 
-def test_a_checkpoint_resumes_only_under_the_precision_it_was_written_with(
+def test_a_checkpoint_resumes_only_under_its_precision_and_bf16_reports_float32_figures(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     params, _ = finetune_workspace(tmp_path, {**UNFROZEN, "finetune.precision": "float32"})
     # A float32 run that trains both epochs, then fails to write its model (the models folder's
@@ -130,3 +131,9 @@ def test_a_checkpoint_resumes_only_under_the_precision_it_was_written_with(
     assert report["resumed"] is False and report["precision"] == "mixed_bfloat16"
     assert report["phases"]["unfrozen"]["resumed_from_epoch"] == 0
     assert "precision float32 there, mixed_bfloat16 now" in caplog.text
+
+    # Both validation figures come from the saved float32 model, not one of them from its bf16 copy.
+    saved, _ = load_model_dir(params.paths.finetuned_model)
+    expected = evaluate(saved, load_split(params.paths.clean, "target", "val"))
+    assert report["val_loss"] == pytest.approx(expected["loss"], abs=2e-6)
+    assert report["val_accuracy"] == pytest.approx(expected["accuracy"], abs=2e-6)
