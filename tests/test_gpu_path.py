@@ -17,7 +17,9 @@ from components import finetune
 from components.core.config import Params, with_overrides
 from components.training.models import BACKBONE_NAME, build_model, load_model_dir, save_model_dir
 from components.data.dataset import load_split
-from components.training.trainer import Augment, compile_model, evaluate, with_augmentation, with_precision
+from components.training.trainer import (
+    Augment, Throughput, compile_model, evaluate, with_augmentation, with_precision,
+)
 from tests.test_resume import NO_AUGMENT, TEXTURES, finetune_workspace
 
 # One unfrozen phase over every layer (the default recipe's shape), short.
@@ -137,3 +139,32 @@ def test_a_checkpoint_resumes_only_under_its_precision_and_bf16_reports_float32_
     expected = evaluate(saved, load_split(params.paths.clean, "target", "val"))
     assert report["val_loss"] == pytest.approx(expected["loss"], abs=2e-6)
     assert report["val_accuracy"] == pytest.approx(expected["accuracy"], abs=2e-6)
+
+
+def test_throughput_times_training_steps_only_and_leaves_the_first_epoch_out(params: Params) -> None:
+    rng = np.random.default_rng(0)
+    side = params.data.image_size
+    x, y = rng.integers(0, 256, (40, side, side, 1), dtype=np.uint8), np.eye(3, dtype="float32")[rng.integers(0, 3, 40)]
+    model = build_model(params.model, params.data, 3, bn_inference=True)
+    compile_model(model, 1e-3)
+    throughput = Throughput(len(x))
+    epochs_timed_at: dict[str, list[int]] = {"train": [], "validation": []}
+
+    class Watch(keras.callbacks.Callback):
+        """How many epochs the clock has recorded when each training and validation batch starts."""
+
+        def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
+            epochs_timed_at["train"].append(len(throughput.seconds))
+
+        def on_test_batch_begin(self, batch: int, logs: dict | None = None) -> None:
+            epochs_timed_at["validation"].append(len(throughput.seconds))
+
+    model.fit(x, y, validation_data=(x[:16], y[:16]), batch_size=16, epochs=3, verbose=0,
+              callbacks=[throughput, Watch()])
+
+    # 3 training batches an epoch (16, 16, 8) while the epoch's clock runs; each validation batch only
+    # after that epoch's time is recorded.
+    assert epochs_timed_at["train"] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert epochs_timed_at["validation"] == [1, 2, 3]
+    assert len(throughput.seconds) == 3
+    assert throughput.images_per_second == pytest.approx(2 * len(x) / sum(throughput.seconds[1:]))

@@ -63,7 +63,7 @@ class FitResult:
     best_epoch: int  # 1-based, within this phase
     best_val_accuracy: float
     seconds: float
-    images_per_second: float
+    images_per_second: float  # steady state: training steps only, after the first epoch (Throughput)
     resumed_from_epoch: int = 0  # epochs done before this process started (0: a fresh run)
     val_accuracy: tuple[float, ...] = ()  # per epoch, for time-to-accuracy comparisons
     elapsed: tuple[float, ...] = ()  # cumulative training seconds at the end of each epoch
@@ -204,6 +204,44 @@ class _Epochs(keras.callbacks.Callback):
         if self.checkpoint is not None:
             self.checkpoint.save(state, {"weights": self.saved.get_weights(), "best": self.best,
                                          "optimizer": _optimizer_values(self.optimizer_of)})
+
+
+class Throughput(keras.callbacks.Callback):
+    """Steady-state training speed of one `fit`: images/second over the training steps of its epochs.
+
+    Each epoch is timed from its start to the end of its last training step, so validation, the
+    checkpoint and the curves (all after that) are left out; the first epoch is left out too when
+    there are others, as it holds the compilation (XLA, and a second one for a last, smaller batch).
+    Steps run asynchronously on an accelerator: the clock stops only once the optimizer's step
+    counter, which the last step writes, can be read. Epoch boundaries only, never per batch: a
+    batch callback would make Keras wait for every step and slow what it measures.
+    """
+
+    def __init__(self, images_per_epoch: int) -> None:
+        super().__init__()
+        self.images_per_epoch = images_per_epoch
+        self.seconds: list[float] = []  # training seconds of each epoch, in order
+        self._started: float | None = None
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._started = time.perf_counter()
+
+    def on_test_begin(self, logs: dict | None = None) -> None:  # validation starts: training steps are done
+        self._stop()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:  # a fit without validation
+        self._stop()
+
+    def _stop(self) -> None:
+        if self._started is not None:
+            keras.ops.convert_to_numpy(self.model.optimizer.iterations)  # waits for the last step
+            self.seconds.append(time.perf_counter() - self._started)
+            self._started = None
+
+    @property
+    def images_per_second(self) -> float:
+        steady = self.seconds[1:] or self.seconds
+        return len(steady) * self.images_per_epoch / sum(steady) if sum(steady) > 0 else 0.0
 
 
 class _ToPixels(keras.layers.Layer):
@@ -347,13 +385,14 @@ def fit(
                  checkpoint.directory)
     after_epoch = _Epochs(model=model, optimizer_of=trainer, phase=phase, epochs=epochs, patience=patience,
                           state=state, best=best, curves=curves, checkpoint=checkpoint)
+    throughput = Throughput(len(x_train))
     if state["epoch"] < epochs and not state["stopped"]:
         # Seeded by phase and starting epoch: the same inputs train the same way (a resumed run is
         # seeded by its own starting epoch, so it is close to, not bit-identical with, an unbroken one).
         keras.utils.set_random_seed(seed + 1000 * (phase != "head") + state["epoch"])
         trainer.fit(x_train, y_train, validation_data=(val.x, y_val), batch_size=batch_size,
                     initial_epoch=state["epoch"], epochs=epochs, shuffle=True, verbose=0, class_weight=weights,
-                    callbacks=[after_epoch])
+                    callbacks=[throughput, after_epoch])
     best, history = after_epoch.best, state["history"]
     model.set_weights(best)
     seconds = history["elapsed"][-1] if history["elapsed"] else 0.0
@@ -364,7 +403,7 @@ def fit(
         best_epoch=state["best_epoch"],
         best_val_accuracy=float(history["val_accuracy"][best_index]) if epochs_run else 0.0,
         seconds=round(seconds, 3),
-        images_per_second=round(epochs_run * len(x_train) / seconds, 1) if seconds else 0.0,
+        images_per_second=round(throughput.images_per_second, 1),  # this process's epochs; 0.0: none ran
         resumed_from_epoch=resumed,
         val_accuracy=tuple(round(v, 6) for v in history["val_accuracy"]),
         elapsed=tuple(history["elapsed"]),
