@@ -21,7 +21,7 @@ from components.training.models import (
 )
 from components.training.trainer import (
     Augment, Checkpoint, Curves, FitResult, Recipe, accelerators, data_parallel, evaluate, fit,
-    resolve_precision, with_precision,
+    prepare_backend, with_precision,
 )
 
 log = logging.getLogger(__name__)
@@ -81,9 +81,9 @@ def _fingerprint(params: Params, train: Split, val: Split) -> str:
 
 def run(params: Params) -> FinetuneResult:
     cfg = params.finetune
+    policy = prepare_backend(cfg.precision)  # first: before anything touches a device
     train, val = load_split(params.paths.clean, "target", "train"), load_split(params.paths.clean, "target", "val")
     keras.utils.set_random_seed(params.seed)
-    policy = resolve_precision(cfg.precision)
     checkpoint = Checkpoint(params.paths.finetune_checkpoint, _fingerprint(params, train, val),
                             {"backend": keras.backend.backend(), "precision": policy})
     resuming = checkpoint.load()

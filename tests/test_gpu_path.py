@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import keras
@@ -18,8 +21,9 @@ from components.core.config import Params, with_overrides
 from components.training.models import BACKBONE_NAME, build_model, load_model_dir, save_model_dir
 from components.data.dataset import load_split
 from components.training.trainer import (
-    Augment, Throughput, compile_model, evaluate, with_augmentation, with_precision,
+    Augment, Throughput, compile_model, evaluate, prepare_backend, with_augmentation, with_precision,
 )
+from tests.conftest import REPO
 from tests.test_resume import NO_AUGMENT, TEXTURES, finetune_workspace
 
 # One unfrozen phase over every layer (the default recipe's shape), short.
@@ -168,3 +172,22 @@ def test_throughput_times_training_steps_only_and_leaves_the_first_epoch_out(par
     assert epochs_timed_at["validation"] == [1, 2, 3]
     assert len(throughput.seconds) == 3
     assert throughput.images_per_second == pytest.approx(2 * len(x) / sum(throughput.seconds[1:]))
+
+
+def test_float32_turns_tf32_off_and_jax_asks_xla_for_deterministic_gpu_kernels() -> None:
+    import tensorflow as tf
+
+    assert prepare_backend("float32") == "float32"  # this CPU: the tests' backend is TensorFlow
+    assert tf.config.experimental.tensor_float_32_execution_enabled() is False
+    assert prepare_backend("mixed_bfloat16") == "mixed_bfloat16"
+    assert tf.config.experimental.tensor_float_32_execution_enabled() is True
+
+    # JAX reads XLA_FLAGS at start-up: a process of its own, which keeps a flag it was given.
+    probe = ("import os, jax\nfrom components.training.trainer import prepare_backend\n"
+             "print(prepare_backend('auto'), os.environ['XLA_FLAGS'], jax.config.jax_default_matmul_precision)")
+    env = {**os.environ, "KERAS_BACKEND": "jax", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["float32", "--xla_force_host_platform_device_count=2",
+                                   "--xla_gpu_deterministic_ops=true", "highest"]

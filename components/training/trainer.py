@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -447,6 +448,46 @@ def resolve_precision(precision: str) -> str:
     if precision != "auto":
         return precision
     return "mixed_bfloat16" if accelerators() else "float32"
+
+
+def prepare_backend(precision: str) -> str:
+    """Set the backend up for a repeatable run and resolve `precision`; returns the policy.
+
+    Call it before anything touches a device: XLA reads XLA_FLAGS once, when JAX first lists its
+    devices (resolving `auto` does). On a CPU, runs repeat without any of this; on a GPU they need:
+    - deterministic kernels (reductions and convolution gradients otherwise pick atomics):
+      `--xla_gpu_deterministic_ops` (JAX), op determinism (TensorFlow) and deterministic
+      algorithms (torch), the last two only when the backend sees a GPU;
+    - float32 that is float32: Ampere and later GPUs run float32 matmuls and convolutions in TF32
+      (10-bit mantissa) by default. With `precision: float32` TF32 is off; a mixed policy computes in
+      bf16/fp16 anyway.
+    """
+    backend = keras.backend.backend()
+    if backend == "jax":
+        flags = os.environ.get("XLA_FLAGS", "")
+        if "xla_gpu_deterministic_ops" not in flags:
+            os.environ["XLA_FLAGS"] = f"{flags} --xla_gpu_deterministic_ops=true".strip()
+    policy = resolve_precision(precision)
+    exact = policy == "float32"
+    if backend == "jax":
+        import jax
+
+        jax.config.update("jax_default_matmul_precision", "highest" if exact else None)
+    elif backend == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.experimental.enable_tensor_float_32_execution(not exact)
+        if accelerators():
+            tf.config.experimental.enable_op_determinism()
+    elif backend == "torch":
+        import torch
+
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not exact
+        if torch.cuda.is_available():
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's condition for determinism
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.benchmark = False
+    return policy
 
 
 def with_precision(model: keras.Model, policy: str) -> keras.Model:
