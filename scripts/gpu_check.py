@@ -81,6 +81,8 @@ def _keep_only(root: Path, keep: tuple[str, ...]) -> None:
 
 def prepare(args: argparse.Namespace) -> None:
     _download(args.python_version, args.wheels)
+    if args.wheels_only:
+        return
     shutil.rmtree(CARRIED, ignore_errors=True)
     target = ("data/clean/target/train", "data/clean/target/val", "data/clean/target/classes.json")
     _run_stages(CARRIED / DEFAULT, {}, ("ingest", "validate", "clean", "source", "transfer"))
@@ -251,12 +253,13 @@ def main(argv: list[str] | None = None) -> int:
     setup = commands.add_parser("prepare", help="download the wheels and write the data to carry (here)")
     setup.add_argument("--python-version", default="3.12", help="the GPU host's Python (default 3.12)")
     setup.add_argument("--wheels", type=Path, default=WHEELS)
+    setup.add_argument("--wheels-only", action="store_true", help="download the wheels, leave the data")
     check = commands.add_parser("run", help="the check itself (on the GPU host)")
     check.add_argument("--wheels", type=Path, default=WHEELS)
     check.add_argument("--backbones", nargs="+", default=["mobilenet_v3_large", "resnet50"])
     check.add_argument("--image-size", type=int, default=224)
     check.add_argument("--batch-size", type=int, default=256)
-    check.add_argument("--steps", type=int, default=30, help="training steps an epoch (the train split repeats)")
+    check.add_argument("--steps", type=int, default=30, help="at least this many training steps an epoch (the train split repeats)")
     check.add_argument("--epochs", type=int, default=3, help="the first compiles and is not timed")
     check.add_argument("--precision", default="auto", help="finetune.precision of the speed runs")
     check.add_argument("--default-epochs", type=int, default=None,
