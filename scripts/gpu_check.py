@@ -90,7 +90,7 @@ def prepare(args: argparse.Namespace) -> None:
     _run_stages(CARRIED / RGB224, {"data.image_size": 224, "data.color_mode": "rgb"}, ("ingest", "validate", "clean"))
     _keep_only(CARRIED / RGB224, target)
     size = sum(p.stat().st_size for p in [*CARRIED.rglob("*"), *args.wheels.rglob("*")] if p.is_file())
-    print(f"prepare: {size / 2**20:.1f} MiB to carry: {args.wheels.relative_to(REPO)}/ and {CARRIED.relative_to(REPO)}/")
+    print(f"prepare: {size / 2**20:.1f} MiB to carry: {args.wheels} and {CARRIED}")
 
 
 # On the GPU host ----------------------------------------------------------------------------------
@@ -112,8 +112,9 @@ def install(wheels: Path, site: Path) -> None:
     names = {w.name.split("-")[0].lower().replace("_", "-") for w in chosen}
     missing = {p.replace("_", "-") for p in PACKAGES} - names
     if missing:
-        sys.exit(f"gpu_check: {wheels} has no wheel for Python {sys.version.split()[0]} of {', '.join(sorted(missing))}"
-                 f": run scripts/gpu_check.sh prepare --python-version {sys.version_info.major}.{sys.version_info.minor}")
+        version = f"{sys.version_info.major}.{sys.version_info.minor}"
+        sys.exit(f"gpu_check: {wheels} has no wheel for Python {version} of {', '.join(sorted(missing))}: "
+                 f"run scripts/gpu_check.sh prepare --python-version {version} (on a machine with the network)")
     stamp = site / "installed.json"
     if not stamp.is_file() or json.loads(stamp.read_text()) != [w.name for w in chosen]:
         shutil.rmtree(site, ignore_errors=True)
@@ -259,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("--backbones", nargs="+", default=["mobilenet_v3_large", "resnet50"])
     check.add_argument("--image-size", type=int, default=224)
     check.add_argument("--batch-size", type=int, default=256)
-    check.add_argument("--steps", type=int, default=30, help="at least this many training steps an epoch (the train split repeats)")
+    check.add_argument("--steps", type=int, default=30,
+                       help="at least this many training steps an epoch (the train split repeats)")
     check.add_argument("--epochs", type=int, default=3, help="the first compiles and is not timed")
     check.add_argument("--precision", default="auto", help="finetune.precision of the speed runs")
     check.add_argument("--default-epochs", type=int, default=None,
