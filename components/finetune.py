@@ -16,10 +16,12 @@ import keras
 from components.core.artifacts import write_json
 from components.core.config import FinetuneParams, Params
 from components.data.dataset import Split, load_split
-from components.training.models import BACKBONE_NAME, MODEL_FILE, load_model_dir, save_model_dir
+from components.training.models import (
+    BACKBONE_NAME, MODEL_FILE, keep_batchnorm_inference, load_model_dir, save_model_dir,
+)
 from components.training.trainer import (
     Augment, Checkpoint, Curves, FitResult, Recipe, accelerators, data_parallel, evaluate, fit,
-    resolve_precision, with_precision,
+    prepare_backend, with_precision,
 )
 
 log = logging.getLogger(__name__)
@@ -47,21 +49,30 @@ def recipe(cfg: FinetuneParams) -> Recipe:
 
 
 def unfreeze_top(model: keras.Model, count: int) -> list[str]:
-    """Make the top `count` weighted backbone layers trainable (-1: all); returns their names."""
+    """Make the top `count` weighted backbone layers trainable (-1: all); returns their names.
+
+    BatchNorm layers among them stay frozen, in inference mode (their moving statistics are the
+    source task's, and a small target batch would overwrite them), so they are not in the list.
+    """
     backbone = model.get_layer(BACKBONE_NAME)
     weighted = [layer for layer in backbone.layers if layer.weights]
     chosen = weighted if count < 0 else weighted[len(weighted) - count :] if count else []
     backbone.trainable = bool(chosen)
     for layer in weighted:
         layer.trainable = layer in chosen
-    return [layer.name for layer in chosen]
+    kept = set(keep_batchnorm_inference(backbone))
+    return [layer.name for layer in chosen if layer.name not in kept]
 
 
 def _fingerprint(params: Params, train: Split, val: Split) -> str:
-    """What a checkpoint must match to be resumed: the starting model, the data, the recipe and seed."""
+    """What a checkpoint must match to be resumed: the starting model, the data, the recipe and seed.
+
+    Not `precision` as written (auto): the checkpoint's settings hold the policy it resolved to.
+    """
     digest = hashlib.sha256()
     digest.update((params.paths.transferred_model / MODEL_FILE).read_bytes())
-    digest.update(json.dumps([params.seed, params.finetune.model_dump(mode="json")], sort_keys=True).encode())
+    recipe = params.finetune.model_dump(mode="json", exclude={"precision"})
+    digest.update(json.dumps([params.seed, recipe], sort_keys=True).encode())
     for split in (train, val):
         digest.update(split.fingerprint().encode())
     return digest.hexdigest()
@@ -69,13 +80,15 @@ def _fingerprint(params: Params, train: Split, val: Split) -> str:
 
 def run(params: Params) -> FinetuneResult:
     cfg = params.finetune
+    policy = prepare_backend(cfg.precision)  # first: before anything touches a device
     train, val = load_split(params.paths.clean, "target", "train"), load_split(params.paths.clean, "target", "val")
     keras.utils.set_random_seed(params.seed)
-    checkpoint = Checkpoint(params.paths.finetune_checkpoint, _fingerprint(params, train, val))
+    checkpoint = Checkpoint(params.paths.finetune_checkpoint, _fingerprint(params, train, val),
+                            {"backend": keras.backend.backend(), "precision": policy})
     resuming = checkpoint.load()
-    policy = resolve_precision(cfg.precision)
     with data_parallel(cfg.data_parallel) as devices:
         model, classes = load_model_dir(params.paths.transferred_model)
+        keep_batchnorm_inference(model)  # also in the head phase, whatever transfer.freeze left trainable
         trainee = with_precision(model, policy)
         log.info("fine-tuning on %d images of %d classes (backend %s, %s, %d replica(s), accelerators: %s)",
                  len(train), len(classes), keras.backend.backend(), policy, max(len(devices), 1),
@@ -111,7 +124,8 @@ def run(params: Params) -> FinetuneResult:
         if trainee is not model:  # the float32 original is what gets saved and exported
             unfreeze_top(model, cfg.unfreeze_top if unfrozen else 0)
             model.set_weights(trainee.get_weights())
-        val_accuracy = evaluate(model, val)["accuracy"]
+        # Both reported figures from the model that is saved (trainee may compute in bf16).
+        final = evaluate(model, val)
     save_model_dir(model, classes, params.paths.finetuned_model)
     write_json(params.paths.finetune_report, {
         "backend": keras.backend.backend(),
@@ -125,9 +139,9 @@ def run(params: Params) -> FinetuneResult:
         "train_images": len(train),
         "val_images": len(val),
         "kept_phase": kept,
-        "val_loss": round(float(best_loss), 6),
-        "val_accuracy": round(float(val_accuracy), 6),
+        "val_loss": round(final["loss"], 6),
+        "val_accuracy": round(final["accuracy"], 6),
         "phases": {name: asdict(result) for name, result in phases.items()},
     })
     checkpoint.finish()
-    return FinetuneResult(float(val_accuracy), kept)
+    return FinetuneResult(final["accuracy"], kept)

@@ -91,8 +91,10 @@ def build_model(
 ) -> keras.Model:
     """Input (uint8, any size) -> scale -> resize -> backbone -> dropout -> softmax head.
 
-    bn_inference=True calls the backbone with training=False, so its BatchNorm layers keep their
-    moving statistics while fine-tuning (the Keras transfer-learning guide). num_classes=None
+    bn_inference=True calls the backbone with training=False (the Keras transfer-learning guide).
+    That alone does not hold during `fit`: Keras 3 passes fit's training=True to every layer of a
+    functional model, replacing the stored False, so fine-tuning also freezes the BatchNorm layers
+    (keep_batchnorm_inference). num_classes=None
     builds a headless model (a downloaded backbone with no task of its own yet).
     backbone_weights: a local file, never a download (components.training.download fetches it first):
     Keras's ImageNet .h5 for an application backbone, a .weights.h5 of the backbone for simple_cnn.
@@ -119,6 +121,23 @@ def build_model(
     x = keras.layers.Dropout(model.dropout, name="head_dropout")(x)
     outputs = keras.layers.Dense(num_classes, activation="softmax", name=HEAD_NAME)(x)
     return keras.Model(inputs, outputs, name="classifier")
+
+
+def keep_batchnorm_inference(model: keras.Model) -> list[str]:
+    """Make every BatchNormalization layer of `model` (nested models included) non-trainable; their names.
+
+    A non-trainable BatchNorm normalizes with its moving statistics and never updates them, whatever
+    `training` it is called with: the one switch Keras 3 honours inside `fit` (see build_model).
+    Call it after any change of `trainable` on an enclosing model, which resets its sublayers.
+    """
+    frozen = []
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            frozen += keep_batchnorm_inference(layer)
+        elif isinstance(layer, keras.layers.BatchNormalization):
+            layer.trainable = False
+            frozen.append(layer.name)
+    return frozen
 
 
 def weighted_layers(model: keras.Model, prefix: str = "") -> Iterator[tuple[str, keras.layers.Layer]]:

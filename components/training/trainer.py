@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -65,7 +66,7 @@ class FitResult:
     best_epoch: int  # 1-based, within this phase
     best_val_accuracy: float
     seconds: float
-    images_per_second: float
+    images_per_second: float  # steady state: training steps only, after the first epoch (Throughput)
     resumed_from_epoch: int = 0  # epochs done before this process started (0: a fresh run)
     val_accuracy: tuple[float, ...] = ()  # per epoch, for time-to-accuracy comparisons
     elapsed: tuple[float, ...] = ()  # cumulative training seconds at the end of each epoch
@@ -75,12 +76,15 @@ class Checkpoint:
     """The training state after the last completed epoch, in one folder replaced whole (atomic_dir).
 
     `fingerprint` names the inputs (params, data, starting model): a checkpoint written for other
-    inputs is ignored, never resumed. `context`/`context_arrays` carry the caller's own state
-    (e.g. the results of phases already finished) through every save.
+    inputs is ignored, never resumed. `settings` names how the run computes, as resolved on this
+    machine (backend, precision policy): `precision: auto` is float32 on a CPU and bf16 on a GPU, so
+    a checkpoint moved between them holds the same params but not the same run; it is ignored too,
+    with a warning saying which setting differs. `context`/`context_arrays` carry the caller's own
+    state (e.g. the results of phases already finished) through every save.
     """
 
-    def __init__(self, directory: Path, fingerprint: str) -> None:
-        self.directory, self.fingerprint = Path(directory), fingerprint
+    def __init__(self, directory: Path, fingerprint: str, settings: dict[str, str] | None = None) -> None:
+        self.directory, self.fingerprint, self.settings = Path(directory), fingerprint, dict(settings or {})
         self.state: dict | None = None
         self.arrays: dict[str, list[np.ndarray]] = {}
         self.context: dict = {}
@@ -92,9 +96,18 @@ class Checkpoint:
         if not path.is_file():
             return False
         state = json.loads(path.read_text())
-        if state.get("fingerprint") != self.fingerprint or state.get("finished"):
-            if not state.get("finished"):
-                log.info("ignoring the checkpoint in %s: it was written for other inputs", self.directory)
+        if state.get("finished"):
+            return False
+        written = state.get("settings", {})
+        if written != self.settings:
+            differ = ", ".join(f"{key} {written.get(key, 'unrecorded')} there, {self.settings.get(key, 'unset')} now"
+                               for key in sorted(set(written) | set(self.settings))
+                               if written.get(key) != self.settings.get(key))
+            log.warning("ignoring the checkpoint in %s, written under other settings (%s): starting fresh",
+                        self.directory, differ)
+            return False
+        if state.get("fingerprint") != self.fingerprint:
+            log.info("ignoring the checkpoint in %s: it was written for other inputs", self.directory)
             return False
         with np.load(self.directory / ARRAYS_FILE) as stored:
             groups: dict[str, list[np.ndarray]] = {}
@@ -112,13 +125,15 @@ class Checkpoint:
         with atomic_dir(self.directory) as temp:
             np.savez(temp / ARRAYS_FILE, **flat)
             (temp / STATE_FILE).write_text(json.dumps({**state, "fingerprint": self.fingerprint,
-                                                       "context": self.context}, indent=1) + "\n")
+                                                       "settings": self.settings, "context": self.context},
+                                                      indent=1) + "\n")
         self.state, self.arrays = state, arrays
 
     def finish(self) -> None:
         """Mark the run complete: the folder stays (DVC declares it), but holds nothing to resume."""
         with atomic_dir(self.directory) as temp:
-            (temp / STATE_FILE).write_text(json.dumps({"fingerprint": self.fingerprint, "finished": True}) + "\n")
+            (temp / STATE_FILE).write_text(json.dumps({"fingerprint": self.fingerprint, "settings": self.settings,
+                                                       "finished": True}) + "\n")
 
 
 class Curves:
@@ -203,6 +218,44 @@ class _Epochs(keras.callbacks.Callback):
                                          "optimizer": _optimizer_values(self.optimizer_of)})
 
 
+class Throughput(keras.callbacks.Callback):
+    """Steady-state training speed of one `fit`: images/second over the training steps of its epochs.
+
+    Each epoch is timed from its start to the end of its last training step, so validation, the
+    checkpoint and the curves (all after that) are left out; the first epoch is left out too when
+    there are others, as it holds the compilation (XLA, and a second one for a last, smaller batch).
+    Steps run asynchronously on an accelerator: the clock stops only once the optimizer's step
+    counter, which the last step writes, can be read. Epoch boundaries only, never per batch: a
+    batch callback would make Keras wait for every step and slow what it measures.
+    """
+
+    def __init__(self, images_per_epoch: int) -> None:
+        super().__init__()
+        self.images_per_epoch = images_per_epoch
+        self.seconds: list[float] = []  # training seconds of each epoch, in order
+        self._started: float | None = None
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._started = time.perf_counter()
+
+    def on_test_begin(self, logs: dict | None = None) -> None:  # validation starts: training steps are done
+        self._stop()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:  # a fit without validation
+        self._stop()
+
+    def _stop(self) -> None:
+        if self._started is not None:
+            keras.ops.convert_to_numpy(self.model.optimizer.iterations)  # waits for the last step
+            self.seconds.append(time.perf_counter() - self._started)
+            self._started = None
+
+    @property
+    def images_per_second(self) -> float:
+        steady = self.seconds[1:] or self.seconds
+        return len(steady) * self.images_per_epoch / sum(steady) if sum(steady) > 0 else 0.0
+
+
 class _ToPixels(keras.layers.Layer):
     """Back to uint8 after augmentation: the model under training takes raw pixels, like the exported one."""
 
@@ -261,9 +314,19 @@ def class_weights(labels: np.ndarray, num_classes: int) -> dict[int, float]:
 
 def compile_model(model: keras.Model, rate: float | object, label_smoothing: float = 0.0,
                   jit_compile: bool | str = "auto") -> None:
+    """Adam on categorical cross-entropy; with loss scaling when any layer computes in float16.
+
+    Keras wraps the optimizer in a LossScaleOptimizer only when the *outer* model's policy is
+    mixed_float16, which a model cloned layer by layer (with_precision) or wrapped for augmentation
+    never has: float16 gradients below 6e-8 would silently become zeros. bfloat16 has float32's
+    range and needs no scaling.
+    """
+    optimizer = keras.optimizers.Adam(rate)
+    if any(layer.dtype_policy.name == "mixed_float16" for layer in _all_layers(model)):
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     # One-hot targets: label smoothing needs them, and the same loss serves both cases.
     model.compile(
-        optimizer=keras.optimizers.Adam(rate),
+        optimizer=optimizer,
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing),
         metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
         jit_compile=jit_compile,
@@ -330,11 +393,12 @@ def fit(
     after_epoch = _Epochs(model=model, optimizer_of=trainer, phase=phase, epochs=epochs, patience=patience,
                           state=state, best=best, curves=curves, checkpoint=checkpoint, feed=feed, val=val,
                           label_smoothing=recipe.label_smoothing)
+    throughput = Throughput(steps * feed.batch_size)  # the feed wraps to full batches
     if state["epoch"] < epochs and not state["stopped"]:
         # Seeded by phase and starting epoch: the same inputs train the same way (a resumed run is
         # seeded by its own starting epoch, so it is close to, not bit-identical with, an unbroken one).
         keras.utils.set_random_seed(seed + 1000 * (phase != "head") + state["epoch"])
-        trainer.fit(feed, initial_epoch=state["epoch"], epochs=epochs, verbose=0, callbacks=[after_epoch])
+        trainer.fit(feed, initial_epoch=state["epoch"], epochs=epochs, verbose=0, callbacks=[throughput, after_epoch])
     best, history = after_epoch.best, state["history"]
     model.set_weights(best)
     seconds = history["elapsed"][-1] if history["elapsed"] else 0.0
@@ -345,7 +409,7 @@ def fit(
         best_epoch=state["best_epoch"],
         best_val_accuracy=float(history["val_accuracy"][best_index]) if epochs_run else 0.0,
         seconds=round(seconds, 3),
-        images_per_second=round(epochs_run * steps * feed.batch_size / seconds, 1) if seconds else 0.0,
+        images_per_second=round(throughput.images_per_second, 1),  # this process's epochs; 0.0: none ran
         resumed_from_epoch=resumed,
         val_accuracy=tuple(round(v, 6) for v in history["val_accuracy"]),
         elapsed=tuple(history["elapsed"]),
@@ -394,6 +458,46 @@ def resolve_precision(precision: str) -> str:
     if precision != "auto":
         return precision
     return "mixed_bfloat16" if accelerators() else "float32"
+
+
+def prepare_backend(precision: str) -> str:
+    """Set the backend up for a repeatable run and resolve `precision`; returns the policy.
+
+    Call it before anything touches a device: XLA reads XLA_FLAGS once, when JAX first lists its
+    devices (resolving `auto` does). On a CPU, runs repeat without any of this; on a GPU they need:
+    - deterministic kernels (reductions and convolution gradients otherwise pick atomics):
+      `--xla_gpu_deterministic_ops` (JAX), op determinism (TensorFlow) and deterministic
+      algorithms (torch), the last two only when the backend sees a GPU;
+    - float32 that is float32: Ampere and later GPUs run float32 matmuls and convolutions in TF32
+      (10-bit mantissa) by default. With `precision: float32` TF32 is off; a mixed policy computes in
+      bf16/fp16 anyway.
+    """
+    backend = keras.backend.backend()
+    if backend == "jax":
+        flags = os.environ.get("XLA_FLAGS", "")
+        if "xla_gpu_deterministic_ops" not in flags:
+            os.environ["XLA_FLAGS"] = f"{flags} --xla_gpu_deterministic_ops=true".strip()
+    policy = resolve_precision(precision)
+    exact = policy == "float32"
+    if backend == "jax":
+        import jax
+
+        jax.config.update("jax_default_matmul_precision", "highest" if exact else None)
+    elif backend == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.experimental.enable_tensor_float_32_execution(not exact)
+        if accelerators():
+            tf.config.experimental.enable_op_determinism()
+    elif backend == "torch":
+        import torch
+
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not exact
+        if torch.cuda.is_available():
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's condition for determinism
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.benchmark = False
+    return policy
 
 
 def with_precision(model: keras.Model, policy: str) -> keras.Model:
