@@ -79,6 +79,13 @@ def _promote(args: argparse.Namespace) -> None:
     print(run(load_params(args.params)))
 
 
+def _drift(args: argparse.Namespace) -> None:
+    from components.core.config import load_params
+    from components.data.drift import accept
+
+    print(accept(load_params(args.params)))
+
+
 def _stages(args: argparse.Namespace) -> None:
     from components.core.graph import stage_names
 
@@ -125,6 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     promote = with_params(commands.add_parser("promote", help="compare models/model.onnx with the champion; promote or keep"))
     promote.set_defaults(handler=_promote)
+
+    drift = commands.add_parser("drift", help="the drift reference (the data validate compares new data with)")
+    drift_commands = drift.add_subparsers(dest="action", required=True)
+    accepted = with_params(drift_commands.add_parser(
+        "accept", help="adopt the data of the last validate run as the reference (an intended change)"))
+    accepted.set_defaults(handler=_drift)
 
     stages = commands.add_parser("stages", help="list the stages in order")
     stages.set_defaults(handler=_stages)
