@@ -76,7 +76,7 @@ def run_summary(params: Params, ran: list[str]) -> str:
 def pipeline(params_path: str = "params.yaml", stages: list[str] | None = None) -> dict[str, Any]:
     """Run the dvc.yaml stages (or the named subset) in order; the first failure stops the run."""
     logger = get_run_logger()
-    params = load_params(Path(params_path))
+    params = load_params(Path(params_path), record=True)  # the effective values dvc.yaml reads
     results: dict[str, Any] = {}
     previous = None
     for name in stage_order(stages):

@@ -13,7 +13,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-from components.core.config import Params, load_params, set_dotted, with_overrides  # noqa: E402
+from components.core.config import Params, effective_raw, load_params, set_dotted, with_overrides  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -116,10 +116,18 @@ def file_server(tmp_path: Path):
 
 
 def write_shrunk_params_yaml(dest: Path, extra: dict[str, object] | None = None) -> Path:
-    """params.yaml as the repository has it (relative paths), with the SHRINK overrides applied."""
+    """params.yaml as the repository has it (only what it changes), with the SHRINK overrides added."""
     import yaml
 
-    raw = set_dotted(yaml.safe_load((REPO / "params.yaml").read_text()), {**SHRINK, **(extra or {})})
+    overrides = {**SHRINK, **(extra or {})}
+    set_dotted(effective_raw(REPO / "params.yaml"), overrides)  # every key must exist
+    raw = yaml.safe_load((REPO / "params.yaml").read_text()) or {}
+    for dotted, value in overrides.items():  # a params.yaml holds only what it changes
+        *parents, leaf = dotted.split(".")
+        section = raw
+        for part in parents:
+            section = section.setdefault(part, {})
+        section[leaf] = value
     dest.write_text(yaml.safe_dump(raw, sort_keys=False))
     return dest
 

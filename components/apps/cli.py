@@ -27,7 +27,7 @@ def _stage(args: argparse.Namespace) -> None:
     from components.core.config import load_params
     from components.core.graph import stage_module
 
-    params = load_params(args.params)
+    params = load_params(args.params, record=True)  # dvc.yaml reads the effective values this writes
     module = stage_module(args.name)
     result = module.run(params)
     log.info("%s: done%s", args.name, f" ({result})" if result is not None else "")
@@ -77,6 +77,15 @@ def _promote(args: argparse.Namespace) -> None:
 
     # A rejected challenger is a normal outcome (exit 0), said on stdout; only errors exit non-zero.
     print(run(load_params(args.params)))
+
+
+def _params(args: argparse.Namespace) -> None:
+    import yaml
+
+    from components.core.config import effective_raw, load_params
+
+    load_params(args.params)  # checked first: an error names the bad key
+    print(yaml.safe_dump(effective_raw(args.params), sort_keys=False), end="")
 
 
 def _drift(args: argparse.Namespace) -> None:
@@ -132,6 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     promote = with_params(commands.add_parser("promote", help="compare models/model.onnx with the champion; promote or keep"))
     promote.set_defaults(handler=_promote)
+
+    shown = with_params(commands.add_parser(
+        "params", help="print the values a run uses: the shipped defaults with params.yaml over them"))
+    shown.set_defaults(handler=_params)
 
     drift = commands.add_parser("drift", help="the drift reference (the data validate compares new data with)")
     drift_commands = drift.add_subparsers(dest="action", required=True)
