@@ -79,6 +79,12 @@ def _promote(args: argparse.Namespace) -> None:
     print(run(load_params(args.params)))
 
 
+def _init(args: argparse.Namespace) -> None:
+    from components.apps.init import init
+
+    print(init(args.source, args.target, args.output, force=args.force))
+
+
 def _params(args: argparse.Namespace) -> None:
     import yaml
 
@@ -141,6 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     promote = with_params(commands.add_parser("promote", help="compare models/model.onnx with the champion; promote or keep"))
     promote.set_defaults(handler=_promote)
+
+    started = commands.add_parser("init", help="write a params.yaml that fits your image folders")
+    started.add_argument("--source", type=Path, required=True, help="source task folder (one subfolder per class)")
+    started.add_argument("--target", type=Path, required=True, help="target task folder (one subfolder per class)")
+    started.add_argument("--output", type=Path, default=Path("params.yaml"), help="file to write (default: params.yaml)")
+    started.add_argument("--force", action="store_true", help="replace an existing file")
+    started.set_defaults(handler=_init)
 
     shown = with_params(commands.add_parser(
         "params", help="print the values a run uses: the shipped defaults with params.yaml over them"))

@@ -247,12 +247,17 @@ def _merge(base: dict, changes: dict) -> dict:
     return merged
 
 
+def shipped_defaults() -> dict:
+    """Every key with its default value, as plain YAML values."""
+    return _read_mapping(DEFAULTS)
+
+
 def effective_raw(path: Path = DEFAULT_PARAMS) -> dict:
     """The shipped defaults with params.yaml over them, as plain YAML values (paths relative, unchecked)."""
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"{path} not found: run from the repository root or pass --params PATH")
-    return _merge(_read_mapping(DEFAULTS), _read_mapping(path))
+    return _merge(shipped_defaults(), _read_mapping(path))
 
 
 def load_params(path: Path = DEFAULT_PARAMS, root: Path | None = None, record: bool = False) -> Params:
