@@ -3,9 +3,7 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 UV_VERSION := 0.13.8
-export TF_CPP_MIN_LOG_LEVEL := 2
-export GX_ANALYTICS_ENABLED := false
-export PREFECT_SERVER_ANALYTICS_ENABLED := false
+# Library noise (TensorFlow banners, GX, analytics) is silenced in one place: components/core/console.py.
 # uv compiles the installed packages to bytecode once; else, where PYTHONDONTWRITEBYTECODE is set,
 # every process compiles TensorFlow, DVC, GX... from source again (measured: bench/, docs/benchmarks.md).
 export UV_COMPILE_BYTECODE := 1
@@ -30,18 +28,25 @@ setup-test: $(VENV)/.test-installed
 
 $(BIN)/uv:
 	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) not found: install Python 3.11, or run make PYTHON=/path/to/python3.11"; exit 1; }
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+	@echo "setup: creating $(VENV) with $(PYTHON) and uv $(UV_VERSION)"
+	@$(PYTHON) -m venv $(VENV)
+	@$(BIN)/python -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
 
 # uv installs exactly the pinned versions of the lock; the project itself goes in editable, without deps.
+# Quietly: a line saying what is installed, and uv's errors if any (run the uv command by hand for its package list).
+UV_INSTALL = $(BIN)/uv pip install --quiet --python $(BIN)/python
 $(VENV)/.run-installed: requirements.lock pyproject.toml | $(BIN)/uv
-	$(BIN)/uv pip install --python $(BIN)/python -r requirements.lock
-	$(BIN)/uv pip install --python $(BIN)/python --no-deps -e .
+	@echo "setup: installing the pinned packages of requirements.lock into $(VENV) (about a minute the first time)"
+	@$(UV_INSTALL) -r requirements.lock
+	@$(UV_INSTALL) --no-deps -e .
+	@echo "setup: done; tlpipe is $(BIN)/tlpipe"
 	@touch $@
 
 $(VENV)/.test-installed: requirements-test.lock pyproject.toml | $(BIN)/uv
-	$(BIN)/uv pip install --python $(BIN)/python -r requirements-test.lock
-	$(BIN)/uv pip install --python $(BIN)/python --no-deps -e .
+	@echo "setup: installing the pinned packages of requirements-test.lock into $(VENV) (about a minute the first time)"
+	@$(UV_INSTALL) -r requirements-test.lock
+	@$(UV_INSTALL) --no-deps -e .
+	@echo "setup: done; tlpipe is $(BIN)/tlpipe"
 	@touch $@ $(VENV)/.run-installed
 
 # Re-pin every dependency after changing pyproject.toml (needs the package registry).

@@ -211,8 +211,6 @@ def _index_html(success: bool, entries: list[dict[str, Any]], counts: "pd.DataFr
 def run(params: Params) -> ValidateResult:
     """Write paths.manifest, paths.validation and paths.data_docs; raise if a critical expectation fails."""
     paths = params.paths
-    # GX logs chatter at INFO, some of it while importing; the stage's own log says what matters.
-    logging.getLogger("great_expectations").setLevel(logging.WARNING)
     manifest, classes = _manifest(params)
     with atomic_path(paths.manifest) as temp:
         manifest.to_csv(temp, index=False)

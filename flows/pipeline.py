@@ -11,10 +11,12 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from components.core.config import Params, load_params
+from components.core.console import quiet_libraries, stage_warnings
 from components.core.errors import PipelineError
 from components.core.graph import stage_module, stage_names
 
 ARTIFACT_KEY = "tlpipe-run"
+quiet_libraries()  # a flow started without the CLI (a Prefect worker) is as quiet as `tlpipe run`
 
 
 def stage_order(stages: list[str] | None = None) -> list[str]:
@@ -30,7 +32,8 @@ def stage_order(stages: list[str] | None = None) -> list[str]:
 # retry only repeats the failure. No Prefect cache either: DVC is the cache.
 @task(retries=0, cache_policy=NO_CACHE)
 def run_stage(name: str, params: Params) -> Any:
-    return stage_module(name).run(params)
+    with stage_warnings(name, params.paths.warnings):
+        return stage_module(name).run(params)
 
 
 def read_report(path: Path) -> dict[str, Any]:

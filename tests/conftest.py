@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+from components.core.console import quiet_libraries  # noqa: E402
+
+quiet_libraries()  # the same quiet libraries as the CLI, before any test imports them
 
 from components.core.config import Params, effective_raw, load_params, set_dotted, with_overrides  # noqa: E402
 

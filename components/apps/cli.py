@@ -8,28 +8,21 @@ import os
 import sys
 from pathlib import Path
 
+from components.core import console
 from components.core.errors import PipelineError
 
 log = logging.getLogger("tlpipe")
 
 
-def _quiet_libraries() -> None:
-    # Set before TensorFlow, Great Expectations or Prefect is imported; they read these once.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    # Prefect's temporary server builds a fresh database in more than its 20 s default on 2 cores.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # else one INFO line per Prefect API call
-
-
 def _stage(args: argparse.Namespace) -> None:
     from components.core.config import load_params
+    from components.core.console import stage_warnings
     from components.core.graph import stage_module
 
     params = load_params(args.params, record=True)  # dvc.yaml reads the effective values this writes
     module = stage_module(args.name)
-    result = module.run(params)
+    with stage_warnings(args.name, params.paths.warnings):
+        result = module.run(params)
     log.info("%s: done%s", args.name, f" ({result})" if result is not None else "")
 
 
@@ -109,7 +102,7 @@ def _stages(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tlpipe", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, libraries' included")
     commands = parser.add_subparsers(dest="command", required=True)
 
     def with_params(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -172,12 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    _quiet_libraries()
+    console.setup(args.verbose)  # before any library is imported
     try:
         args.handler(args)
     except PipelineError as error:

@@ -187,6 +187,7 @@ class Paths(_Section):
     promotion_summary: Path
     dvc_lock: Path
     effective_params: Path
+    warnings: Path
 
 
 class Params(_Section):
