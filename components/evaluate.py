@@ -156,6 +156,9 @@ def run(params: Params) -> EvaluateResult:
     write_json(params.paths.metrics, metrics)
     write_json(params.paths.transfer_gain, gain)
     write_json(params.paths.gates, gates)
+    # The few numbers `dvc metrics show` and `dvc exp show` print; the details stay in paths.metrics.
+    write_json(params.paths.scores, {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
+                                     "gates_passed": gates["passed"]})
     _write_confusion(test.y, y_pred, classes, metrics["confusion_matrix"], params)
     result = EvaluateResult(metrics["accuracy"], metrics["macro_f1"], gates["passed"])
     if not gates["passed"]:

@@ -176,6 +176,8 @@ class Paths(_Section):
     finetune_report: Path
     training_curves: Path
     metrics: Path
+    scores: Path
+    parity: Path
     gates: Path
     confusion: Path
     confusion_png: Path
