@@ -17,14 +17,14 @@ run: $(VENV)/.run-installed
 	$(BIN)/dvc repro
 	$(BIN)/tlpipe summary
 
-test: $(VENV)/.test-installed
+test: $(VENV)/.test-installed $(VENV)/.browser-installed
 	$(BIN)/pytest
 
-test-all: $(VENV)/.test-installed
+test-all: $(VENV)/.test-installed $(VENV)/.browser-installed
 	$(BIN)/pytest -m ""
 
 setup: $(VENV)/.run-installed
-setup-test: $(VENV)/.test-installed
+setup-test: $(VENV)/.test-installed $(VENV)/.browser-installed
 
 $(BIN)/uv:
 	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) not found: install Python 3.11, or run make PYTHON=/path/to/python3.11"; exit 1; }
@@ -48,6 +48,13 @@ $(VENV)/.test-installed: requirements-test.lock pyproject.toml | $(BIN)/uv
 	@$(UV_INSTALL) --no-deps -e .
 	@echo "setup: done; tlpipe is $(BIN)/tlpipe"
 	@touch $@ $(VENV)/.run-installed
+
+# Headless Chromium (Debian's package) opens the HTML pages the project writes in tests, with the
+# network off. CI runs as root on a fresh machine; elsewhere install it yourself (apt-get install chromium).
+$(VENV)/.browser-installed: | $(BIN)/uv
+	@command -v chromium >/dev/null || { echo "setup: installing Debian's chromium for the HTML tests"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+	@touch $@
 
 # Re-pin every dependency after changing pyproject.toml (needs the package registry).
 lock: | $(BIN)/uv

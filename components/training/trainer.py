@@ -166,13 +166,16 @@ class _Epochs(keras.callbacks.Callback):
         self.state, self.best, self.curves, self.checkpoint = state, best, curves, checkpoint
         history = state["history"]
         self.offset = history["elapsed"][-1] if history["elapsed"] else 0.0
-        self.started = time.perf_counter()
+        self.started, self.first_epoch = time.perf_counter(), state["epoch"]
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         logs, state, history = logs or {}, self.state, self.state["history"]
         state["epoch"] = epoch + 1
         shown = "  ".join(f"{key} {value:.4f}" for key, value in sorted(logs.items()) if key != "learning_rate")
-        log.info("%s epoch %d/%d  %s", self.phase, state["epoch"], self.epochs, shown)
+        # A plain line per epoch (readable in a log file or CI) with the time left at this epoch's pace.
+        per_epoch = (time.perf_counter() - self.started) / max(state["epoch"] - self.first_epoch, 1)
+        log.info("%s epoch %d/%d  %s  (ETA %.0f s)", self.phase, state["epoch"], self.epochs, shown,
+                 per_epoch * (self.epochs - state["epoch"]))
         if self.curves is not None:
             self.curves.log(logs)
         for key in ("loss", "val_loss", "val_accuracy"):
