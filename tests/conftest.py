@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from components.core.console import quiet_libraries  # noqa: E402
+from components.core.console import quiet_libraries
 
 quiet_libraries()  # the same quiet libraries as the CLI, before any test imports them
 

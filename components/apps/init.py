@@ -7,7 +7,6 @@ and why. It never overwrites an existing params.yaml unless asked (--force).
 
 from __future__ import annotations
 
-import os
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,10 +94,9 @@ def choose(source: Folder, target: Folder, root: Path) -> tuple[dict[str, Any], 
     why: list[str] = []
 
     def shown(path: Path) -> str:
-        try:
-            return os.path.relpath(path.resolve(), root.resolve()) if path.resolve().is_relative_to(root.resolve()) else str(path.resolve())
-        except ValueError:
-            return str(path.resolve())
+        """Relative to the params file's folder when inside it (the project moves with it), else absolute."""
+        path, base = path.resolve(), root.resolve()
+        return path.relative_to(base).as_posix() if path.is_relative_to(base) else str(path)
 
     changes["data"].update(source_dir=shown(source.path), target_dir=shown(target.path))
     why.append(f"data: source {shown(source.path)} ({len(source.counts)} classes, {sum(source.counts.values())} images), "
