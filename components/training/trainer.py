@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -330,9 +331,11 @@ def fit(
         # Seeded by phase and starting epoch: the same inputs train the same way (a resumed run is
         # seeded by its own starting epoch, so it is close to, not bit-identical with, an unbroken one).
         keras.utils.set_random_seed(seed + 1000 * (phase != "head") + state["epoch"])
+        # On a terminal, Keras's own bar shows progress within each epoch with its ETA; elsewhere (a log
+        # file, CI) only the plain line per epoch, with the phase's ETA, is written.
         trainer.fit(x_train, y_train, validation_data=(val.x, y_val), batch_size=batch_size,
-                    initial_epoch=state["epoch"], epochs=epochs, shuffle=True, verbose=0, class_weight=weights,
-                    callbacks=[after_epoch])
+                    initial_epoch=state["epoch"], epochs=epochs, shuffle=True, verbose=int(sys.stdout.isatty()),
+                    class_weight=weights, callbacks=[after_epoch])
     best, history = after_epoch.best, state["history"]
     model.set_weights(best)
     seconds = history["elapsed"][-1] if history["elapsed"] else 0.0
