@@ -97,7 +97,8 @@ def setup(verbose: bool = False) -> None:
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"))
     if not verbose:
         handler.addFilter(_OwnOrError())
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler], force=True)
+    # A no-op where the root logger has handlers already (main() called in-process, by pytest say).
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
     logging.captureWarnings(True)  # a library's Python warnings become records, so the filter applies
 
 
