@@ -52,5 +52,6 @@ def record_in_dvc(stages: list[str], params_path: Path) -> None:
     if result.returncode == 0:
         log.info("recorded %s in dvc.lock: `dvc status` agrees with what ran", ", ".join(stages))
     else:
+        said = (result.stderr or result.stdout).strip().splitlines() or [f"exit {result.returncode}"]
         log.warning("could not record %s in dvc.lock, so `dvc repro` may redo them: dvc commit: %s",
-                    ", ".join(stages), (result.stderr or result.stdout).strip().splitlines()[-1:])
+                    ", ".join(stages), said[-1])
