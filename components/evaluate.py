@@ -149,10 +149,17 @@ def run(params: Params) -> EvaluateResult:
     if gain["compared"]:
         log.info("transfer gain: test accuracy %.4f (transfer) vs %.4f (from scratch): %+.4f",
                  gain["transfer_accuracy"], gain["scratch_accuracy"], gain["accuracy_gain"])
+        if gain["accuracy_gain"] < 0:
+            log.warning("negative transfer: the transferred model scored %+.4f test accuracy against one trained from "
+                        "scratch on the same labels; try other transfer.layers / transfer.freeze, or skip transfer",
+                        gain["accuracy_gain"])
     gates = apply_gates(metrics, params, gain)
     write_json(params.paths.metrics, metrics)
     write_json(params.paths.transfer_gain, gain)
     write_json(params.paths.gates, gates)
+    # The few numbers `dvc metrics show` and `dvc exp show` print; the details stay in paths.metrics.
+    write_json(params.paths.scores, {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
+                                     "gates_passed": gates["passed"]})
     _write_confusion(test.y, y_pred, classes, metrics["confusion_matrix"], params)
     result = EvaluateResult(metrics["accuracy"], metrics["macro_f1"], gates["passed"])
     if not gates["passed"]:

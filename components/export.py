@@ -231,4 +231,5 @@ def run(params: Params) -> ExportResult:
     write_bundle(paths.onnx_model, paths.bundle, report, read_json(paths.gates))
     report["seconds"] = round(time.perf_counter() - started, 2)
     write_json(paths.export_report, report)
+    write_json(paths.parity, {"onnx_max_abs_diff": max_abs_diff, "onnx_top1_agreement": top1})  # a DVC metric
     return result

@@ -169,8 +169,8 @@ def _explain(entry: dict[str, Any], manifest: "pd.DataFrame", counts: "pd.DataFr
 def _drift_problem(drifted: list[dict[str, Any]], params: Params) -> str:
     shifts = ", ".join(f"{c['name']} {c['value']:g} > {c['threshold']:g}" for c in drifted)
     return (f"the data drifted from the last validated dataset ({shifts}; details in {params.paths.drift_report}); "
-            f"if the change is intended, delete {params.paths.drift_reference} to accept this dataset as the new "
-            "reference, or raise the validate.drift_max_* bounds")
+            "if the change is intended, run `tlpipe drift accept` (this data becomes the reference) and `dvc repro` "
+            "again, or raise the validate.drift_max_* bounds")
 
 
 _PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>tlpipe data validation</title><style>
@@ -211,8 +211,6 @@ def _index_html(success: bool, entries: list[dict[str, Any]], counts: "pd.DataFr
 def run(params: Params) -> ValidateResult:
     """Write paths.manifest, paths.validation and paths.data_docs; raise if a critical expectation fails."""
     paths = params.paths
-    # GX logs chatter at INFO, some of it while importing; the stage's own log says what matters.
-    logging.getLogger("great_expectations").setLevel(logging.WARNING)
     manifest, classes = _manifest(params)
     with atomic_path(paths.manifest) as temp:
         manifest.to_csv(temp, index=False)

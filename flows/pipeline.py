@@ -11,10 +11,12 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from components.core.config import Params, load_params
+from components.core.console import quiet_libraries, stage_warnings
 from components.core.errors import PipelineError
-from components.core.graph import stage_module, stage_names
+from components.core.graph import record_in_dvc, stage_module, stage_names
 
 ARTIFACT_KEY = "tlpipe-run"
+quiet_libraries()  # a flow started without the CLI (a Prefect worker) is as quiet as `tlpipe run`
 
 
 def stage_order(stages: list[str] | None = None) -> list[str]:
@@ -30,7 +32,8 @@ def stage_order(stages: list[str] | None = None) -> list[str]:
 # retry only repeats the failure. No Prefect cache either: DVC is the cache.
 @task(retries=0, cache_policy=NO_CACHE)
 def run_stage(name: str, params: Params) -> Any:
-    return stage_module(name).run(params)
+    with stage_warnings(name, params.paths.warnings):
+        return stage_module(name).run(params)
 
 
 def read_report(path: Path) -> dict[str, Any]:
@@ -76,18 +79,21 @@ def run_summary(params: Params, ran: list[str]) -> str:
 def pipeline(params_path: str = "params.yaml", stages: list[str] | None = None) -> dict[str, Any]:
     """Run the dvc.yaml stages (or the named subset) in order; the first failure stops the run."""
     logger = get_run_logger()
-    params = load_params(Path(params_path))
+    params = load_params(Path(params_path), record=True)  # the effective values dvc.yaml reads
     results: dict[str, Any] = {}
     previous = None
-    for name in stage_order(stages):
-        state = run_stage.with_options(name=name, task_run_name=name)(
-            name, params, wait_for=[previous] if previous else None, return_state=True
-        )
-        try:
-            results[name] = state.result()
-        except PipelineError as error:
-            raise PipelineError(f"stage '{name}' failed: {error}") from error
-        logger.info("%s: %s", name, results[name])
-        previous = state
+    try:
+        for name in stage_order(stages):
+            state = run_stage.with_options(name=name, task_run_name=name)(
+                name, params, wait_for=[previous] if previous else None, return_state=True
+            )
+            try:
+                results[name] = state.result()
+            except PipelineError as error:
+                raise PipelineError(f"stage '{name}' failed: {error}") from error
+            logger.info("%s: %s", name, results[name])
+            previous = state
+    finally:
+        record_in_dvc(list(results), Path(params_path))  # one graph, two drivers: dvc.lock knows what ran
     create_markdown_artifact(run_summary(params, list(results)), key=ARTIFACT_KEY, description="metrics, gates and model of the last run")
     return results

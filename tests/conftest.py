@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+from components.core.console import quiet_libraries
 
-from components.core.config import Params, load_params, set_dotted, with_overrides  # noqa: E402
+quiet_libraries()  # the same quiet libraries as the CLI, before any test imports them
+
+from components.core.config import Params, effective_raw, load_params, set_dotted, with_overrides  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -142,10 +141,18 @@ def file_server(tmp_path: Path):
 
 
 def write_shrunk_params_yaml(dest: Path, extra: dict[str, object] | None = None) -> Path:
-    """params.yaml as the repository has it (relative paths), with the SHRINK overrides applied."""
+    """params.yaml as the repository has it (only what it changes), with the SHRINK overrides added."""
     import yaml
 
-    raw = set_dotted(yaml.safe_load((REPO / "params.yaml").read_text()), {**SHRINK, **(extra or {})})
+    overrides = {**SHRINK, **(extra or {})}
+    set_dotted(effective_raw(REPO / "params.yaml"), overrides)  # every key must exist
+    raw = yaml.safe_load((REPO / "params.yaml").read_text()) or {}
+    for dotted, value in overrides.items():  # a params.yaml holds only what it changes
+        *parents, leaf = dotted.split(".")
+        section = raw
+        for part in parents:
+            section = section.setdefault(part, {})
+        section[leaf] = value
     dest.write_text(yaml.safe_dump(raw, sort_keys=False))
     return dest
 

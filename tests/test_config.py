@@ -10,13 +10,13 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from components.core.config import Params, load_params, set_dotted
+from components.core.config import Params, effective_raw, load_params, set_dotted
 from components.core.errors import PipelineError
 from tests.conftest import REPO
 
 
 def _write(tmp_path: Path, edit) -> Path:
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw = effective_raw(REPO / "params.yaml")
     edit(raw)
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -25,7 +25,7 @@ def _write(tmp_path: Path, edit) -> Path:
 
 def test_the_real_params_load_into_every_section(tmp_path: Path) -> None:
     params = load_params(REPO / "params.yaml", root=tmp_path)
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw = effective_raw(REPO / "params.yaml")
     for section in raw:
         assert getattr(params, "validation" if section == "validate" else section) is not None
     assert params.paths.raw == tmp_path / raw["paths"]["raw"]
@@ -40,7 +40,6 @@ def test_the_real_params_load_into_every_section(tmp_path: Path) -> None:
         (lambda raw: raw.update(finetuen={}), "unknown key 'finetuen'"),
         (lambda raw: raw["data"].update(color_mode="sepia"), "'data.color_mode'"),
         (lambda raw: raw["clean"].update(val_fraction=1.5), "'clean.val_fraction'"),
-        (lambda raw: raw["evaluate"].pop("min_accuracy"), "missing key 'evaluate.min_accuracy'"),
         (lambda raw: raw["source"].update(mode="download", weights="http://x/w.keras"), "sha256"),
     ],
 )
@@ -166,3 +165,18 @@ def test_every_relative_path_setting_is_taken_from_the_params_files_folder(
         "source.mode": "download", "source.weights": "https://example.org/b.keras", "source.sha256": "0" * 64,
     })))
     assert url.source.weights == "https://example.org/b.keras"  # a URL is not a path
+
+
+def test_a_params_yaml_holds_only_what_it_changes_and_a_stage_records_the_effective_values(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text("data:\n  color_mode: rgb\n  image_size: 64\nfinetune:\n  epochs: 3\n")
+    params = load_params(path)
+    assert (params.data.color_mode, params.data.image_size, params.finetune.epochs) == ("rgb", 64, 3)
+    defaults = effective_raw(REPO / "params.yaml")
+    assert params.data.target_dir == defaults["data"]["target_dir"] == ""  # the rest: shipped defaults
+    assert params.finetune.learning_rate == defaults["finetune"]["learning_rate"]
+    assert not params.paths.effective_params.exists()
+    load_params(path, record=True)
+    recorded = yaml.safe_load(params.paths.effective_params.read_text())
+    assert recorded["data"]["image_size"] == 64 and recorded["finetune"] == {**defaults["finetune"], "epochs": 3}
+    assert recorded["paths"]["raw"] == "data/raw"  # relative, as written: the same on every machine

@@ -78,7 +78,7 @@ def produced(tmp_path_factory: pytest.TempPathFactory) -> Path:
         shutil.copy(REPO / name, root / name)
     # `dvc push` and `pull` act on every stage of dvc.yaml: keep the project's own first stages only.
     graph = yaml.safe_load((REPO / "dvc.yaml").read_text())
-    graph = {"stages": {name: graph["stages"][name] for name in STAGES}}
+    graph = {"vars": graph["vars"], "stages": {name: graph["stages"][name] for name in STAGES}}
     (root / "dvc.yaml").write_text(yaml.safe_dump(graph, sort_keys=False))
     # The user's own image folders, on storage every machine mounts at the same path (ingest
     # fingerprints the folder's path); small, so the remotes move a few dozen files.

@@ -13,12 +13,13 @@ from typing import Any
 import pytest
 import yaml
 
+from components.core.config import effective_raw
 from components.core.errors import PipelineError
 from components.core.graph import stage_module
 from tests.conftest import REPO
 
 STAGES: dict[str, dict[str, Any]] = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-PARAMS: dict[str, Any] = yaml.safe_load((REPO / "params.yaml").read_text())
+PARAMS: dict[str, Any] = effective_raw(REPO / "params.yaml")  # the shipped defaults, params.yaml over them
 TEMPLATE = re.compile(r"\$\{([^}]*)\}")
 OUTPUT_KINDS = ("outs", "metrics", "plots")
 # Promotion runs after the graph, not in it (flows/retrain.py, `tlpipe promote`): the champion lives
@@ -135,14 +136,22 @@ def test_dvc_yaml_order_is_a_topological_order_of_deps_and_outs() -> None:
             assert all(names.index(writer) < index for writer in writers), f"{name} depends on {dep}, written by {writers}, which run later"
 
 
+def sections(stage: dict[str, Any]) -> list[str]:
+    """The params sections a stage lists, all read from the effective params file (defaults + params.yaml)."""
+    entries = stage.get("params") or []
+    assert all(isinstance(entry, dict) and list(entry) == ["${paths.effective_params}"] for entry in entries), \
+        "params are read from ${paths.effective_params}, which holds every effective value"
+    return [section for entry in entries for section in entry["${paths.effective_params}"]]
+
+
 def test_every_params_section_a_stage_lists_exists_and_every_section_is_tracked() -> None:
-    listed = {section for stage in STAGES.values() for section in stage.get("params") or []}
-    assert all(isinstance(section, str) for section in listed), "params entries are whole params.yaml sections"
-    assert sorted(listed - set(PARAMS)) == [], "a stage lists a section params.yaml does not have"
+    listed = {section for stage in STAGES.values() for section in sections(stage)}
+    assert all(isinstance(section, str) for section in listed), "params entries are whole params sections"
+    assert sorted(listed - set(PARAMS)) == [], "a stage lists a section the defaults do not have"
     assert sorted(set(PARAMS) - listed - {"paths"} - AFTER_THE_GRAPH) == [], "a section no stage lists never reruns anything when it changes"
     for name, stage in STAGES.items():
         if name in PARAMS:
-            assert name in (stage.get("params") or []), f"stage {name} does not list its own params section"
+            assert name in sections(stage), f"stage {name} does not list its own params section"
 
 
 def test_the_flow_runs_the_dvc_yaml_stages_in_dvc_yaml_order(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -165,7 +174,7 @@ def test_an_unknown_stage_exits_1_listing_the_stages() -> None:
 
 
 def test_an_unknown_params_key_fails_fast_naming_it(tmp_path: Path) -> None:
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw = {"validate": {}}
     raw["validate"]["min_images_per_clas"] = 5
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(raw))
     result = tlpipe("stage", "validate", "--params", str(tmp_path / "bad.yaml"))

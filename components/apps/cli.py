@@ -9,29 +9,23 @@ import os
 import sys
 from pathlib import Path
 
+from components.core import console
 from components.core.errors import PipelineError
 
 log = logging.getLogger("tlpipe")
 
 
-def _quiet_libraries() -> None:
-    # Set before TensorFlow, Great Expectations or Prefect is imported; they read these once.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    # Prefect's temporary server builds a fresh database in more than its 20 s default on 2 cores.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # else one INFO line per Prefect API call
-
-
 def _stage(args: argparse.Namespace) -> None:
     from components.core.config import load_params
-    from components.core.graph import stage_module
+    from components.core.console import stage_warnings
+    from components.core.graph import record_in_dvc, stage_module
 
-    params = load_params(args.params)
+    params = load_params(args.params, record=True)  # dvc.yaml reads the effective values this writes
     module = stage_module(args.name)
-    result = module.run(params)
+    with stage_warnings(args.name, params.paths.warnings):
+        result = module.run(params)
     log.info("%s: done%s", args.name, f" ({result})" if result is not None else "")
+    record_in_dvc([args.name], args.params)
 
 
 def _run(args: argparse.Namespace) -> None:
@@ -78,6 +72,28 @@ def _promote(args: argparse.Namespace) -> None:
     print(run(load_params(args.params)))
 
 
+def _init(args: argparse.Namespace) -> None:
+    from components.apps.init import init
+
+    print(init(args.source, args.target, args.output, force=args.force))
+
+
+def _params(args: argparse.Namespace) -> None:
+    import yaml
+
+    from components.core.config import effective_raw, load_params
+
+    load_params(args.params)  # checked first: an error names the bad key
+    print(yaml.safe_dump(effective_raw(args.params), sort_keys=False), end="")
+
+
+def _drift(args: argparse.Namespace) -> None:
+    from components.core.config import load_params
+    from components.data.drift import accept
+
+    print(accept(load_params(args.params)))
+
+
 def _stages(args: argparse.Namespace) -> None:
     from components.core.graph import stage_names
 
@@ -86,7 +102,7 @@ def _stages(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tlpipe", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, libraries' included")
     commands = parser.add_subparsers(dest="command", required=True)
 
     def with_params(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -132,6 +148,23 @@ def build_parser() -> argparse.ArgumentParser:
     promote = with_params(commands.add_parser("promote", help="compare models/model.onnx with the champion; promote or keep"))
     promote.set_defaults(handler=_promote)
 
+    started = commands.add_parser("init", help="write a params.yaml that fits your image folders")
+    started.add_argument("--source", type=Path, required=True, help="source task folder (one subfolder per class)")
+    started.add_argument("--target", type=Path, required=True, help="target task folder (one subfolder per class)")
+    started.add_argument("--output", type=Path, default=Path("params.yaml"), help="file to write (default: params.yaml)")
+    started.add_argument("--force", action="store_true", help="replace an existing file")
+    started.set_defaults(handler=_init)
+
+    shown = with_params(commands.add_parser(
+        "params", help="print the values a run uses: the shipped defaults with params.yaml over them"))
+    shown.set_defaults(handler=_params)
+
+    drift = commands.add_parser("drift", help="the drift reference (the data validate compares new data with)")
+    drift_commands = drift.add_subparsers(dest="action", required=True)
+    accepted = with_params(drift_commands.add_parser(
+        "accept", help="adopt the data of the last validate run as the reference (an intended change)"))
+    accepted.set_defaults(handler=_drift)
+
     stages = commands.add_parser("stages", help="list the stages in order")
     stages.set_defaults(handler=_stages)
     return parser
@@ -139,12 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    _quiet_libraries()
+    console.setup(args.verbose)  # before any library is imported
     try:
         args.handler(args)
     except PipelineError as error:

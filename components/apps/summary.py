@@ -7,8 +7,12 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+from components.apps.init import MIN_SPLIT_IMAGES
 from components.core.config import Params
-from components.data.images import is_image_name
+from components.core.console import warnings_file
+from components.core.errors import PipelineError
+from components.core.graph import stage_names
+from components.data.images import TASKS, is_image_name
 
 
 def _show(path: Path) -> str:
@@ -108,9 +112,56 @@ def _example_image(params: Params) -> str:
     return "IMAGE.png"
 
 
+def _small_splits(params: Params) -> list[str]:
+    report, _ = _read(params.paths.quarantine, "clean")
+    counts = (report or {}).get("counts")
+    if not isinstance(counts, dict):
+        return []
+    found = []
+    for task in TASKS:
+        for label, split_counts in (counts.get(task, {}).get("per_class") or {}).items():
+            small = [f"{split_counts.get(split, 0)} {split}" for split in ("val", "test")
+                     if split_counts.get(split, 0) < MIN_SPLIT_IMAGES]
+            if small:
+                found.append(f"{task} class '{label}' has {' and '.join(small)} images: early stopping and gates on "
+                             "so few are chance; add images, or raise clean.val_fraction / clean.test_fraction")
+    return found
+
+
+def _weak_source(params: Params) -> list[str]:
+    report, _ = _read(params.paths.source_report, "source")
+    accuracy = (report or {}).get("test_accuracy")
+    if isinstance(accuracy, (int, float)) and accuracy < params.evaluate.min_accuracy:
+        return [f"the source model reached test accuracy {accuracy:.4f}, below evaluate.min_accuracy "
+                f"{params.evaluate.min_accuracy:g}: transfer starts from weak features (more source epochs or data, "
+                "or a pretrained backbone: tlpipe init)"]
+    return []
+
+
+def _stage_warnings(params: Params) -> list[str]:
+    """Every warning the stages logged in their last run, in graph order."""
+    try:
+        stages = stage_names()
+    except PipelineError:  # run outside the repository: whatever files there are
+        stages = sorted(path.stem for path in Path(params.paths.warnings).glob("*.json"))
+    found = []
+    for stage in stages:
+        report, _ = _read(warnings_file(params.paths.warnings, stage), stage)
+        found += [f"{stage}: {message}" for message in (report or {}).get("warnings", [])]
+    return found
+
+
+def warnings(params: Params) -> list[str]:
+    """Every warning of the run: those the stages logged, and those read from their reports."""
+    return [*_stage_warnings(params), *_small_splits(params), *_weak_source(params)]
+
+
 def summary(params: Params) -> str:
-    """Metrics, gates, transfer and quarantine counts, the ONNX model, and the next commands to try."""
+    """Metrics, gates, transfer and quarantine counts, the ONNX model, every warning, and the next commands."""
     lines = [*_metrics(params), *_gates(params), *_transfer(params), *_quarantine(params), *_export(params)]
+    found = warnings(params)
+    lines.append(f"warnings: {len(found)}" if found else "warnings: none")
+    lines += [f"  - {line}" for line in found]
     lines.append("next:")
     if Path(params.paths.onnx_model).is_file():
         lines.append(f"  tlpipe predict {shlex.quote(_show(params.paths.onnx_model))} {_example_image(params)}")

@@ -1,8 +1,10 @@
-"""params.yaml, parsed once into frozen typed models: a typo or a bad value fails before any work.
+"""params.yaml over the shipped defaults, parsed once into frozen typed models: a typo or a bad value
+fails before any work.
 
-Every default lives in params.yaml alone, so every field here is required. Types are strict (a
-YAML `true` is not the number 1, `"3"` is not 3), numbers finite and in range, and rules between
-keys (`validate.min_side <= validate.max_side`) are checked here, each error naming its keys.
+Every default lives in defaults.yaml (next to this file) alone, so every field here is required; a
+project's params.yaml holds only what it changes. Types are strict (a YAML `true` is not the number
+1, `"3"` is not 3), numbers finite and in range, and rules between keys (`validate.min_side <=
+validate.max_side`) are checked here, each error naming its keys.
 
 One rule for every path setting (`paths:`, `data.source_dir`/`target_dir`, `source.cache_dir`,
 a `source.weights` file): `~` is the home folder, and a relative path is taken from the folder
@@ -17,9 +19,11 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError, model_validator
 
+from components.core.artifacts import write_text
 from components.core.errors import PipelineError
 
 DEFAULT_PARAMS = Path("params.yaml")
+DEFAULTS = Path(__file__).with_name("defaults.yaml")
 
 
 def _not_a_bool(kind: str) -> BeforeValidator:
@@ -219,6 +223,8 @@ class Paths(_Section):
     finetune_report: Path
     training_curves: Path
     metrics: Path
+    scores: Path
+    parity: Path
     gates: Path
     confusion: Path
     confusion_png: Path
@@ -229,6 +235,8 @@ class Paths(_Section):
     promotion_report: Path
     promotion_summary: Path
     dvc_lock: Path
+    effective_params: Path
+    warnings: Path
 
 
 class Params(_Section):
@@ -275,28 +283,62 @@ def _describe(error: ValidationError, source: Path) -> str:
         if item["type"] == "extra_forbidden":
             lines.append(f"  - unknown key '{key}': remove it or fix its spelling")
         elif item["type"] == "missing":
-            lines.append(f"  - missing key '{key}': add it (the repository's params.yaml lists every key)")
+            lines.append(f"  - missing key '{key}': add it (components/core/defaults.yaml lists every key)")
         else:
             lines.append(f"  - '{key}': {item['msg'].removeprefix('Value error, ')}")
     return "\n".join(lines)
 
 
-def load_params(path: Path = DEFAULT_PARAMS, root: Path | None = None) -> Params:
-    """Read and check params.yaml; relative paths are taken from `root` (default: its folder)."""
-    path = Path(path)
-    if not path.is_file():
-        raise PipelineError(f"{path} not found: run from the repository root or pass --params PATH")
+def _read_mapping(path: Path) -> dict:
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as error:
         raise PipelineError(f"{path} is not valid YAML: {error}") from None
     if not isinstance(raw, dict):
         raise PipelineError(f"{path} must hold a mapping of sections, not {type(raw).__name__}")
+    return raw
+
+
+def _merge(base: dict, changes: dict) -> dict:
+    """`base` with `changes` over it, key by key inside sections (a new mapping; unknown keys kept for the check)."""
+    merged = dict(base)
+    for key, value in changes.items():
+        merged[key] = _merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return merged
+
+
+def shipped_defaults() -> dict:
+    """Every key with its default value, as plain YAML values."""
+    return _read_mapping(DEFAULTS)
+
+
+def effective_raw(path: Path = DEFAULT_PARAMS) -> dict:
+    """The shipped defaults with params.yaml over them, as plain YAML values (paths relative, unchecked)."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"{path} not found: run from the repository root or pass --params PATH")
+    return _merge(shipped_defaults(), _read_mapping(path))
+
+
+def load_params(path: Path = DEFAULT_PARAMS, root: Path | None = None, record: bool = False) -> Params:
+    """Read params.yaml over the defaults and check it; relative paths are taken from `root` (default: its folder).
+
+    `record`: also write the effective values to paths.effective_params (what a stage ran with, and
+    what dvc.yaml's `params:` read), rewriting the file only when they changed.
+    """
+    path = Path(path)
+    raw = effective_raw(path)
     try:
         params = Params.model_validate(raw)
     except ValidationError as error:
         raise PipelineError(_describe(error, path)) from None
-    return params.resolve(root if root is not None else path.parent)
+    params = params.resolve(root if root is not None else path.parent)
+    if record:
+        text = yaml.safe_dump(raw, sort_keys=False)
+        target = params.paths.effective_params
+        if not target.is_file() or target.read_text() != text:
+            write_text(target, text)
+    return params
 
 
 def set_dotted(raw: dict, overrides: dict[str, object]) -> dict:

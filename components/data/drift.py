@@ -1,4 +1,11 @@
-"""Drift: a new dataset's statistics against the last validated one (class shares, image sizes, channel colour)."""
+"""Drift: a new dataset's statistics against the last validated batch of the same dataset.
+
+The reference belongs to one dataset: its data source (the embedded digits, a folder or a CSV
+manifest, per task) and its class set. A run on another dataset (a user's first run on their own
+folders, say) records a new reference and says so; the drift gate guards only new data for the
+same dataset. `tlpipe drift accept` adopts the last validated data as the reference when a change
+is intended.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 from components.core.artifacts import read_json, write_json
 from components.core.config import Params
+from components.core.errors import PipelineError
+from components.data.csv_manifest import is_csv_manifest
 from components.data.images import TASKS
 
 if TYPE_CHECKING:
@@ -16,6 +25,22 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 NO_REFERENCE = "no reference, recorded this as the reference"
+NEW_DATASET = "another dataset than the reference's, recorded this as its reference"
+COMPARED = "compared with the reference"
+
+
+def dataset_identity(manifest: "pd.DataFrame", params: Params) -> dict[str, Any]:
+    """Per task: where its data comes from and its class set. Drift is measured only within one identity."""
+    identity: dict[str, Any] = {}
+    for task in TASKS:
+        folder = getattr(params.data, f"{task}_dir")
+        if not folder:
+            source = "embedded digits"
+        else:
+            source = f"{'csv' if is_csv_manifest(folder) else 'folders'} {folder}"
+        labels = manifest.loc[manifest["task"] == task, "label"].astype(str)
+        identity[task] = {"source": source, "classes": sorted(set(labels))}
+    return identity
 
 
 def dataset_stats(manifest: "pd.DataFrame") -> dict[str, Any]:
@@ -69,21 +94,52 @@ def compare(current: dict[str, Any], reference: dict[str, Any], params: Params) 
     return checks
 
 
+def _differences(current: dict[str, Any], reference: dict[str, Any]) -> str:
+    """What makes two identities different datasets, in a few words ("target classes changed", ...)."""
+    changed = [f"{task} {field}" for task in TASKS for field in ("source", "classes")
+               if current.get(task, {}).get(field) != reference.get(task, {}).get(field)]
+    return ", ".join(changed) or "no dataset recorded in the reference"
+
+
 def check_drift(manifest: "pd.DataFrame", params: Params) -> dict[str, Any]:
-    """Compare with paths.drift_reference, write paths.drift_report, and adopt this dataset as the reference
-    when it passes (or when there is none yet). Returns the report; `passed` False means a bound was exceeded."""
+    """Compare with paths.drift_reference when it belongs to the same dataset, write paths.drift_report, and
+    adopt this batch as the reference when it passes (or when the reference is absent or another dataset's).
+    Returns the report; `passed` False means a bound was exceeded."""
     reference_path, report_path = params.paths.drift_reference, params.paths.drift_report
-    current = dataset_stats(manifest)
-    if not reference_path.is_file():
-        report: dict[str, Any] = {"passed": True, "status": NO_REFERENCE, "checks": [], "current": current}
+    identity, current = dataset_identity(manifest, params), dataset_stats(manifest)
+    stored = read_json(reference_path) if reference_path.is_file() else None
+    if stored is None:
+        report: dict[str, Any] = {"passed": True, "status": NO_REFERENCE, "checks": []}
+    elif stored.get("dataset") != identity:
+        report = {"passed": True, "status": NEW_DATASET, "checks": [],
+                  "changed": _differences(identity, stored.get("dataset") or {})}
+        log.warning("drift: new dataset (%s): recorded it as the drift reference; the drift gate guards "
+                    "new data for this dataset from now on", report["changed"])
     else:
-        reference = read_json(reference_path)
-        checks = compare(current, reference, params)
-        passed = all(c["passed"] for c in checks)
-        report = {"passed": passed, "status": "compared with the reference", "checks": checks,
-                  "current": current, "reference": reference}
+        checks = compare(current, stored["stats"], params)
+        report = {"passed": all(c["passed"] for c in checks), "status": COMPARED, "checks": checks,
+                  "reference": stored["stats"]}
+    report.update(dataset=identity, current=current)
     write_json(report_path, report)
     if report["passed"]:
-        write_json(reference_path, current)  # the last validated dataset is the next run's reference
+        record_reference(report, params)
     log.info("drift: %s (%s)", report["status"], "passed" if report["passed"] else "BOUNDS EXCEEDED")
     return report
+
+
+def record_reference(report: dict[str, Any], params: Params) -> None:
+    """The batch a drift report describes becomes the next run's reference."""
+    write_json(params.paths.drift_reference, {"dataset": report["dataset"], "stats": report["current"]})
+
+
+def accept(params: Params) -> str:
+    """`tlpipe drift accept`: adopt the last validated batch (paths.drift_report) as the reference."""
+    path = params.paths.drift_report
+    if not path.is_file():
+        raise PipelineError(f"{path} not found: run `dvc repro validate` first, then accept its data")
+    report = read_json(path)
+    if "dataset" not in report or "current" not in report:
+        raise PipelineError(f"{path} predates per-dataset drift references: run `dvc repro validate` again")
+    record_reference(report, params)
+    return (f"accepted the data of the last validate run as the drift reference ({params.paths.drift_reference}); "
+            "`dvc repro` now continues from validate")

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -185,7 +186,7 @@ class _Epochs(keras.callbacks.Callback):
         self.state, self.best, self.curves, self.checkpoint = state, best, curves, checkpoint
         history = state["history"]
         self.offset = history["elapsed"][-1] if history["elapsed"] else 0.0
-        self.started = time.perf_counter()
+        self.started, self.first_epoch = time.perf_counter(), state["epoch"]
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         self.feed.epoch = epoch  # the epoch's order is fixed by (seed, epoch): a resumed run reads the same
@@ -198,7 +199,10 @@ class _Epochs(keras.callbacks.Callback):
         logs.update(val_loss=scores["loss"], val_accuracy=scores["accuracy"])
         state["epoch"] = epoch + 1
         shown = "  ".join(f"{key} {value:.4f}" for key, value in sorted(logs.items()) if key != "learning_rate")
-        log.info("%s epoch %d/%d  %s", self.phase, state["epoch"], self.epochs, shown)
+        # A plain line per epoch (readable in a log file or CI) with the time left at this epoch's pace.
+        per_epoch = (time.perf_counter() - self.started) / max(state["epoch"] - self.first_epoch, 1)
+        log.info("%s epoch %d/%d  %s  (ETA %.0f s)", self.phase, state["epoch"], self.epochs, shown,
+                 per_epoch * (self.epochs - state["epoch"]))
         if self.curves is not None:
             self.curves.log(logs)
         for key in ("loss", "val_loss", "val_accuracy"):
@@ -398,7 +402,10 @@ def fit(
         # Seeded by phase and starting epoch: the same inputs train the same way (a resumed run is
         # seeded by its own starting epoch, so it is close to, not bit-identical with, an unbroken one).
         keras.utils.set_random_seed(seed + 1000 * (phase != "head") + state["epoch"])
-        trainer.fit(feed, initial_epoch=state["epoch"], epochs=epochs, verbose=0, callbacks=[throughput, after_epoch])
+        # On a terminal, Keras's own bar shows progress within each epoch with its ETA; elsewhere (a log
+        # file, CI) only the plain line per epoch, with the phase's ETA, is written.
+        trainer.fit(feed, initial_epoch=state["epoch"], epochs=epochs, verbose=int(sys.stdout.isatty()),
+                    callbacks=[throughput, after_epoch])
     best, history = after_epoch.best, state["history"]
     model.set_weights(best)
     seconds = history["elapsed"][-1] if history["elapsed"] else 0.0
