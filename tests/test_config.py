@@ -144,7 +144,7 @@ def test_every_relative_path_setting_is_taken_from_the_params_files_folder(
 ) -> None:
     folder = tmp_path / "project" / "conf"
     folder.mkdir(parents=True)
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw = effective_raw(REPO / "params.yaml")
     set_dotted(raw, {
         "data.source_dir": "photos/source", "data.target_dir": "~/photos/target",
         "source.cache_dir": "cache/weights", "source.mode": "download", "source.weights": "backbones/b.keras",
