@@ -232,6 +232,12 @@ def test_the_flow_runs_the_dvc_yaml_stages_in_dvc_yaml_order(monkeypatch: pytest
     assert all(name in str(error.value) for name in STAGES)
 
 
+def test_tlpipe_stages_prints_the_dvc_yaml_stages_in_order() -> None:
+    done = subprocess.run([str(Path(sys.executable).parent / "tlpipe"), "stages"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == list(STAGES)
+
+
 def test_an_unknown_stage_exits_1_listing_the_stages() -> None:
     result = tlpipe("stage", "nosuch")
     assert result.returncode == 1
