@@ -143,7 +143,12 @@ def test_summary_reports_every_stage_and_a_real_image_to_try(exported: tuple[Par
     params, result = exported
     paths = params.paths
     write_json(paths.metrics, {"accuracy": 0.9731, "macro_f1": 0.9702, "per_class": {}})
-    transfer = {"transferred": ["a", "b"], "skipped": [{"layer": "c"}], "reinitialized": ["head"]}
+    # The transfer stage's layout (tests/test_retrain_deployment.py checks `tlpipe summary` on a real run's).
+    transfer = {
+        "transferred": [{"layer": f"backbone.{name}", "source": f"backbone.{name}", "weights": 72} for name in ("a", "b")],
+        "skipped": [{"layer": "backbone.c", "reason": "shape (3, 3, 1, 8) != (3, 3, 3, 8)"}],
+        "reinitialized": [{"layer": "head", "reason": "not selected by transfer.layers"}],
+    }
     write_json(paths.transfer_report, transfer)
     per_task = {"input": 10, "kept": 8, "quarantined": 1, "held_back": 1, "splits": {"train": 5}, "per_class": {}}
     write_json(paths.quarantine, {"quarantined": [], "counts": {"source": per_task, "target": per_task}})
