@@ -319,9 +319,10 @@ def _changes(changes: list[Any]) -> str:
     return "; ".join(words)
 
 
-def stale_stages(root: Path, stage: str = EXPORT_STAGE) -> dict[str, str]:
-    """The stages up to `stage` whose deps, params, code or outputs differ from dvc.lock, as DVC sees
-    them (its repo API, what `dvc status --json` prints), in words; {} outside a DVC repository."""
+def stale_stages(root: Path, stage: str | None = EXPORT_STAGE) -> dict[str, str]:
+    """The stages up to `stage` (None: the whole graph) whose deps, params, code or outputs differ from
+    dvc.lock, as DVC sees them (its repo API, what `dvc status --json` prints), in words; {} outside a
+    DVC repository."""
     if not (root / ".dvc").is_dir() or not (root / "dvc.yaml").is_file():
         return {}
     from dvc.exceptions import DvcException
@@ -329,7 +330,8 @@ def stale_stages(root: Path, stage: str = EXPORT_STAGE) -> dict[str, str]:
 
     try:
         with Repo(str(root)) as repo:
-            status = repo.status(targets=[f"{root / 'dvc.yaml'}:{stage}"], with_deps=True)
+            targets = [f"{root / 'dvc.yaml'}:{stage}"] if stage else [str(root / "dvc.yaml")]
+            status = repo.status(targets=targets, with_deps=True)
     except DvcException as error:
         raise PipelineError(f"dvc status of {root} failed: {error}; fix the repository (dvc doctor), then rerun") from error
     # An always_changed stage (ingest) is always listed; it is out of date only with other changes.
