@@ -106,6 +106,52 @@ def _convert(model: keras.Model, channels: int, opset: int) -> onnx.ModelProto:
     return proto
 
 
+def canonicalize(proto: onnx.ModelProto) -> None:
+    """Rename every tensor and node inside the graph by its place in it, in place, so one model gives one file.
+
+    tf2onnx names constants and nodes from a process-wide counter and keeps whichever of two equal
+    constants it meets first, so one Keras model converted twice gave different bytes (and promotion
+    saw a new model). The graph's own inputs and outputs keep their names: they are the contract.
+    """
+    graph = proto.graph
+    keep = {value.name for value in graph.input} | {value.name for value in graph.output}
+    names: dict[str, str] = {}
+    dims: dict[str, str] = {}
+
+    def rename(name: str) -> str:
+        if not name or name in keep:
+            return name
+        return names.setdefault(name, f"t{len(names)}")
+
+    def visit(inner: onnx.GraphProto) -> None:
+        for index, node in enumerate(inner.node):
+            node.input[:] = [rename(name) for name in node.input]
+            node.output[:] = [rename(name) for name in node.output]
+            node.name = f"{node.op_type}_{index}"
+            for attribute in node.attribute:
+                if attribute.type == onnx.AttributeProto.GRAPH:
+                    visit(attribute.g)
+                for subgraph in attribute.graphs:
+                    visit(subgraph)
+        for field in (inner.input, inner.output, inner.value_info):
+            for value in field:
+                value.name = rename(value.name)
+                for dim in value.type.tensor_type.shape.dim:
+                    if dim.HasField("dim_param"):  # symbolic sizes are numbered by the same counter
+                        dim.dim_param = dims.setdefault(dim.dim_param, f"d{len(dims)}")
+        for item in inner.initializer:
+            item.name = rename(item.name)
+        for field in (inner.initializer, inner.value_info):  # stored in the order of their new names
+            ordered = sorted(field, key=lambda item: (len(item.name), item.name))
+            copies = [type(item)() for item in ordered]
+            for copy, item in zip(copies, ordered):
+                copy.CopyFrom(item)
+            del field[:]
+            field.extend(copies)
+
+    visit(graph)
+
+
 def _parity(model: keras.Model, session: ort.InferenceSession, batches: list[np.ndarray]) -> tuple[float, float, int]:
     """(max |onnx - keras|, fraction with the same top-1 label, images compared) over the batches."""
     diffs, agree, count = [], 0, 0
@@ -165,6 +211,7 @@ def run(params: Params) -> ExportResult:
 
     log.info("converting %s to ONNX (opset %d)", paths.finetuned_model, settings.opset)
     proto = _convert(model, channels, settings.opset)
+    canonicalize(proto)
     input_spec = {
         "name": INPUT_NAME,
         "dtype": "uint8",
@@ -186,7 +233,7 @@ def run(params: Params) -> ExportResult:
         onnx.checker.check_model(proto)
     except onnx.checker.ValidationError as error:
         raise PipelineError(f"the converted ONNX model is invalid: {error}; try another export.opset") from error
-    data = proto.SerializeToString()
+    data = proto.SerializeToString(deterministic=True)
 
     # Evenly spaced over the split (it is sorted by class), so every class is represented.
     x = test.images(test.spread(settings.parity_images))

@@ -10,7 +10,6 @@ it the failure.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -105,13 +104,11 @@ def ingest(root: Path) -> list[str]:
 
 
 @task(cache_policy=NO_CACHE)
-def pipeline_changes(root: Path) -> dict[str, Any]:
-    """`dvc status` of the graph: changed deps, params, code or missing outputs, per stage."""
-    done = dvc(["status", "--json"], root)
-    if done.returncode != 0:
-        raise PipelineError(f"dvc status failed:\n{_tail(done)}")
-    status = json.loads(done.stdout or "{}")
-    return {stage: changes for stage, changes in status.items() if changes != ["always changed"]}
+def pipeline_changes(root: Path) -> dict[str, str]:
+    """`dvc status` of the graph: changed deps, params, code or missing outputs, per stage, in words."""
+    from components.deploy.promote import stale_stages
+
+    return stale_stages(root, None)
 
 
 @task(cache_policy=NO_CACHE)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -73,7 +74,7 @@ def test_export_writes_a_checked_onnx_model_with_its_contract(exported: tuple[Pa
     assert report["labels"] == CLASSES
     assert report["outputs"] == [{"name": "head", "shape": [None, len(CLASSES)], "type": "tensor(float)"}]
     assert report["size_bytes"] == path.stat().st_size == result.size_bytes
-    assert len(report["onnx_sha256"]) == 64
+    assert report["onnx_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
     assert report["latency_ms_batch1"] > 0
     assert report["variants"] == {} and not any(params.paths.onnx_variants.iterdir())
     assert str(params.paths.onnx_model) in str(result)
@@ -90,6 +91,17 @@ def test_onnx_model_takes_any_batch_and_image_size(exported: tuple[Params, expor
         assert probabilities.shape == (shape[0], len(CLASSES))
         np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
         np.testing.assert_allclose(probabilities, keras_model.predict(x, verbose=0), atol=1e-4)
+
+
+def test_exporting_one_model_twice_gives_the_same_bytes(exported: tuple[Params, export.ExportResult]) -> None:
+    # tf2onnx numbers names from a process-wide counter: without canonical names, the second
+    # conversion in one process gave other bytes, and promotion took a re-export for a new model.
+    params, _ = exported
+    again = _elsewhere(params, "again", {"paths.bundle": str(params.paths.bundle.parent / "again_bundle")})
+    export.run(again)
+    assert again.paths.onnx_model.read_bytes() == params.paths.onnx_model.read_bytes()
+    report = json.loads(again.paths.export_report.read_text())
+    assert report["onnx_sha256"] == json.loads(params.paths.export_report.read_text())["onnx_sha256"]
 
 
 def test_parity_beyond_the_bound_fails_and_writes_nothing(exported: tuple[Params, export.ExportResult]) -> None:
@@ -130,7 +142,12 @@ def test_summary_reports_every_stage_and_a_real_image_to_try(exported: tuple[Par
     params, result = exported
     paths = params.paths
     write_json(paths.metrics, {"accuracy": 0.9731, "macro_f1": 0.9702, "per_class": {}})
-    transfer = {"transferred": ["a", "b"], "skipped": [{"layer": "c"}], "reinitialized": ["head"]}
+    # The transfer stage's layout (tests/test_retrain_deployment.py checks `tlpipe summary` on a real run's).
+    transfer = {
+        "transferred": [{"layer": f"backbone.{name}", "source": f"backbone.{name}", "weights": 72} for name in ("a", "b")],
+        "skipped": [{"layer": "backbone.c", "reason": "shape (3, 3, 1, 8) != (3, 3, 3, 8)"}],
+        "reinitialized": [{"layer": "head", "reason": "not selected by transfer.layers"}],
+    }
     write_json(paths.transfer_report, transfer)
     per_task = {"input": 10, "kept": 8, "quarantined": 1, "held_back": 1, "splits": {"train": 5}, "per_class": {}}
     write_json(paths.quarantine, {"quarantined": [], "counts": {"source": per_task, "target": per_task}})

@@ -20,9 +20,13 @@ def transferred(clean_dataset: Params) -> Params:
     return params
 
 
+# Three classes (chance 1/3); measured: accuracy 1.0 on the 24 test images (2026-12-01, same seed).
+LEARNED = 0.9
+
+
 def test_finetune_trains_both_phases_and_evaluate_reports_and_passes(transferred: Params) -> None:
     params = with_overrides(transferred, {"finetune.head_epochs": 3, "finetune.epochs": 2,
-                                          "finetune.batch_size": 16, "evaluate.min_accuracy": 0.5})
+                                          "finetune.batch_size": 16, "evaluate.min_accuracy": LEARNED})
     finetune.run(params)
 
     report = json.loads(params.paths.finetune_report.read_text())
@@ -33,7 +37,7 @@ def test_finetune_trains_both_phases_and_evaluate_reports_and_passes(transferred
 
     result = evaluate.run(params)
     metrics = json.loads(params.paths.metrics.read_text())
-    assert metrics["accuracy"] == result.accuracy >= 0.5
+    assert metrics["accuracy"] == result.accuracy >= LEARNED
     assert set(metrics["per_class"]) == {"x", "y", "z"}
     assert sum(c["support"] for c in metrics["per_class"].values()) == metrics["test_images"] == 24
     gates = json.loads(params.paths.gates.read_text())

@@ -104,3 +104,27 @@ def test_a_failing_stage_fails_the_flow_with_its_message_and_stops_it(tmp_path: 
     assert list(recorded_task_runs(state.state_details.flow_run_id, 1)) == ["ingest"], "a stage after the failure ran"
     paths = shrunk_params(tmp_path).paths
     assert not paths.raw.exists() and not paths.manifest.exists() and not paths.clean.exists()
+
+
+def test_tlpipe_run_the_images_default_command_runs_the_flow(tmp_path: Path) -> None:
+    """`tlpipe run` (the Docker image's CMD) as a command, against this module's Prefect server."""
+    import os
+    import subprocess
+    import sys
+
+    from prefect.settings import PREFECT_API_URL
+
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_HOME": str(tmp_path / "prefect-home")}
+    tlpipe = Path(sys.executable).parent / "tlpipe"
+    params_path = write_params(tmp_path)
+    done = subprocess.run([str(tlpipe), "run", "--params", str(params_path), "--stages", *SUBSET], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+    assert done.returncode == 0, done.stderr[-3000:]
+    paths = shrunk_params(tmp_path).paths
+    assert paths.manifest.is_file() and paths.quarantine.is_file() and any(paths.clean.iterdir())
+    assert not paths.source_model.exists(), "a stage outside the subset ran"
+
+    failed = subprocess.run([str(tlpipe), "run", "--params", str(tmp_path / "missing.yaml")], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert failed.returncode == 1 and "missing.yaml" in failed.stderr

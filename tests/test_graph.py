@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import inspect
 import re
 import subprocess
@@ -71,6 +72,56 @@ def overlap(a: PurePosixPath, b: PurePosixPath) -> bool:
     return a == b or a in b.parents or b in a.parents
 
 
+def module_file(name: str) -> Path | None:
+    """The file of module `name` when it lives in components/ (a module or a package), else None."""
+    if name.split(".")[0] != "components":
+        return None
+    base = REPO.joinpath(*name.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def runs_code(path: Path) -> bool:
+    """Whether importing the file runs more than its docstring and `from __future__` lines."""
+    body = ast.parse(path.read_text()).body
+    return any(
+        not (isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant))
+        and not (isinstance(node, ast.ImportFrom) and node.module == "__future__")
+        for node in body
+    )
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module a file imports, at any depth (imports inside functions count: they run too)."""
+    package = path.relative_to(REPO).with_suffix("").parts[:-1] if path.name != "__init__.py" else path.relative_to(REPO).parts[:-1]
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = ".".join([*package[: len(package) - node.level + 1], node.module or ""] if node.level else [node.module or ""])
+            base = base.strip(".")
+            names.add(base)
+            names |= {f"{base}.{alias.name}" for alias in node.names}  # `from package import module`
+    # Importing a.b.c runs a/__init__.py and a/b/__init__.py first.
+    return {".".join(name.split(".")[:i]) for name in names for i in range(1, name.count(".") + 2)}
+
+
+def code_closure(stage: str) -> set[str]:
+    """components/<stage>.py and every file in components/ it imports, directly or not, whose import runs code."""
+    start = REPO / "components" / f"{stage}.py"
+    seen, todo = {start}, [start]
+    while todo:
+        for name in imported_modules(todo.pop()):
+            found = module_file(name)
+            if found is not None and found not in seen:
+                seen.add(found)
+                todo.append(found)
+    return {str(path.relative_to(REPO)) for path in seen if path == start or runs_code(path)}
+
+
 def tlpipe(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "components", *args], cwd=cwd, capture_output=True, text=True, timeout=120)
 
@@ -94,6 +145,30 @@ def test_every_code_dependency_exists() -> None:
     code = {dep for stage in STAGES.values() for dep in entries(stage, "deps") if dep.parts[0] == "components"}
     assert code, "dvc.yaml lists no code dependencies"
     assert sorted(str(dep) for dep in code if not (REPO / dep).is_file()) == []
+
+
+@pytest.mark.parametrize("name", list(STAGES))
+def test_every_stage_depends_on_exactly_the_code_it_imports(name: str) -> None:
+    """A library a stage imports, directly or through another, is a dep: editing it reruns the stage.
+
+    Computed from the stage module's imports with ast (nothing is imported), for any stage dvc.yaml names.
+    """
+    listed = {str(dep) for dep in entries(STAGES[name], "deps") if dep.parts[0] == "components"}
+    closure = code_closure(name)
+    missing, extra = sorted(closure - listed), sorted(listed - closure)
+    assert not missing and not extra, (
+        f"dvc.yaml stage {name}: its code deps differ from what components/{name}.py imports.\n"
+        + "".join(f"  add:    - {path}\n" for path in missing)
+        + "".join(f"  remove: - {path}\n" for path in extra)
+    )
+
+
+def test_the_import_closure_follows_imports_at_any_depth_and_skips_docstring_only_packages() -> None:
+    # evaluate imports the scratch trainer only inside a function; the trainer then imports models.
+    closure = code_closure("evaluate")
+    assert {"components/evaluate.py", "components/training/scratch.py", "components/data/dataset.py"} <= closure
+    assert "components/__init__.py" not in closure and "components/training/__init__.py" not in closure
+    assert all((REPO / path).is_file() for path in closure)
 
 
 def test_every_template_resolves_to_a_value_in_params_yaml() -> None:
@@ -164,6 +239,12 @@ def test_the_flow_runs_the_dvc_yaml_stages_in_dvc_yaml_order(monkeypatch: pytest
     with pytest.raises(PipelineError, match="nosuch") as error:
         stage_order([first, "nosuch"])
     assert all(name in str(error.value) for name in STAGES)
+
+
+def test_tlpipe_stages_prints_the_dvc_yaml_stages_in_order() -> None:
+    done = subprocess.run([str(Path(sys.executable).parent / "tlpipe"), "stages"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == list(STAGES)
 
 
 def test_an_unknown_stage_exits_1_listing_the_stages() -> None:

@@ -196,6 +196,45 @@ def test_a_first_challenger_below_the_absolute_gates_is_not_promoted(tmp_path: P
     assert not params.paths.production.exists() and not params.paths.releases.exists()
 
 
+# A real `tlpipe promote` in a child process, killed with SIGKILL at a chosen point of its steps:
+# right after the first file of the new release is written and fsynced (a half-written release
+# folder), or right after one of promotion's steps returns for the new version v2.
+KILLED_PROMOTE = """
+import os, signal, sys
+from components.apps.cli import main
+from components.deploy import promote
+
+point, params_path = sys.argv[1:3]
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+if point == "release_file":
+    real_fsync = os.fsync
+    def fsync(fd):
+        real_fsync(fd)
+        if os.path.basename(os.readlink(f"/proc/self/fd/{fd}")) == "model.onnx":
+            die()
+    os.fsync = fsync
+else:
+    real = getattr(promote, point)
+    def killed_after(*args):
+        result = real(*args)
+        if point != "_ensure_tag" or args[1].get("version") == "v2":
+            die()
+        return result
+    setattr(promote, point, killed_after)
+sys.exit(main(["promote", "--params", params_path]))
+"""
+
+
+def promote_killed(params_yaml: Path, point: str) -> None:
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    killed = subprocess.run([sys.executable, "-c", KILLED_PROMOTE, point, str(params_yaml)], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+
+
 def test_a_promotion_killed_while_writing_the_release_leaves_production_whole(
     tmp_path: Path, onnx_models: dict[str, Path]
 ) -> None:
@@ -205,20 +244,10 @@ def test_a_promotion_killed_while_writing_the_release_leaves_production_whole(
     before = snapshot(params)
     challenge(params, onnx_models["best"])
 
-    # The kernel kills the process (SIGXFSZ, which Python ignores unless told otherwise) the moment
-    # a file grows past half the model's size: a real kill in the middle of writing the new release.
-    limit = onnx_models["best"].stat().st_size // 2
-    code = (
-        "import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_DFL);"
-        "resource.setrlimit(resource.RLIMIT_FSIZE, ({0}, {0}));"
-        "from components.apps.cli import main; sys.exit(main(['promote', '--params', {1!r}]))"
-    ).format(limit, str(tmp_path / "params.yaml"))
-    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
-    killed = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    promote_killed(tmp_path / "params.yaml", "release_file")
 
-    assert killed.returncode == -signal.SIGXFSZ, killed.stderr[-2000:]
-    leftovers = [p.name for p in params.paths.releases.iterdir() if p.name.startswith(".v2.")]
-    assert leftovers, "the kill should have hit the half-written release folder"
+    leftovers = [p for p in params.paths.releases.iterdir() if p.name.startswith(".v2.")]
+    assert [sorted(f.name for f in p.iterdir()) for p in leftovers] == [["model.onnx"]], "killed mid-release"
     assert snapshot(params)["link"] == before["link"] == "releases/v1"
     assert snapshot(params)["served"] == before["served"]
     assert not (params.paths.releases / "v2").exists()
@@ -226,3 +255,62 @@ def test_a_promotion_killed_while_writing_the_release_leaves_production_whole(
     # The next run is unaffected by the leftover and promotes normally.
     assert run(params).version == "v2"
     assert sha256(params.paths.production / "model.onnx") == sha256(onnx_models["best"])
+
+
+@pytest.mark.parametrize("point", ["_write_release", "_point_production", "_ensure_tag"])
+def test_a_rerun_completes_a_promotion_killed_after_any_step(tmp_path: Path, onnx_models: dict[str, Path], point: str) -> None:
+    """Killed after the release is written, after production moved to it, or after the tag: the rerun
+    ends where an uninterrupted promotion ends (production v2, one release each, the lineage's tag real)."""
+    params = workspace(tmp_path, onnx_models)
+    git(tmp_path, "init", "-q")
+    git(tmp_path, "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "--allow-empty", "-m", "code")
+    commit = git(tmp_path, "rev-parse", "HEAD")
+    challenge(params, onnx_models["one_dead"])
+    assert run(params).version == "v1"
+    challenge(params, onnx_models["best"])
+
+    promote_killed(tmp_path / "params.yaml", point)
+
+    moved = point != "_write_release"
+    assert os.readlink(params.paths.production) == ("releases/v2" if moved else "releases/v1")
+    assert (git(tmp_path, "tag", "--list") == "model-v1\nmodel-v2") == (point == "_ensure_tag")
+    # A commit made since must not move the tag the release's lineage names.
+    git(tmp_path, "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "--allow-empty", "-m", "later")
+
+    rerun = run(params)
+
+    assert rerun.version == "v2" and rerun.decision == ("kept" if moved else "promoted")
+    assert sorted(p.name for p in params.paths.releases.iterdir()) == ["v1", "v2"]
+    assert os.readlink(params.paths.production) == "releases/v2"
+    assert sha256(params.paths.production / "model.onnx") == sha256(onnx_models["best"])
+    lineage = json.loads((params.paths.production / "lineage.json").read_text())
+    assert lineage["tag"] == "model-v2" and lineage["code"]["commit"] == commit
+    assert git(tmp_path, "tag", "--list") == "model-v1\nmodel-v2"
+    assert git(tmp_path, "rev-parse", "model-v2^{commit}") == commit
+    report = json.loads(params.paths.promotion_report.read_text())
+    assert report["version"] == "v2" and report["tag"] == "model-v2"
+    if point == "_point_production":
+        assert any("created the git tag model-v2" in reason for reason in rerun.reasons)
+    if point == "_write_release":
+        assert any("an interrupted promotion's release" in reason for reason in rerun.reasons)
+
+
+def test_a_re_export_of_the_champion_is_kept(tmp_path: Path, onnx_models: dict[str, Path]) -> None:
+    """The same weights exported again are the same model: kept, not promoted as a new version."""
+    from components import export
+    from components.core.config import with_overrides
+
+    params = workspace(tmp_path, onnx_models)
+    challenge(params, onnx_models["best"])
+    assert run(params).version == "v1"
+    fixture = shrunk_params(onnx_models["root"], {"export.variants": []})
+    again = with_overrides(fixture, {
+        "paths.onnx_model": str(params.paths.onnx_model), "paths.export_report": str(tmp_path / "export.json"),
+        "paths.bundle": str(tmp_path / "bundle"), "paths.onnx_variants": str(tmp_path / "variants"),
+    })
+    export.run(again)
+
+    result = run(params)
+
+    assert result.decision == "kept" and result.version == "v1"
+    assert sorted(p.name for p in params.paths.releases.iterdir()) == ["v1"]

@@ -151,6 +151,65 @@ def test_a_rerun_with_the_same_seed_is_fresh_not_resumed_and_gives_the_same_numb
         assert second["phases"][name]["val_accuracy"] == first["phases"][name]["val_accuracy"]
 
 
+# The default suite's small cases: few steps per epoch (min_steps_per_epoch 0: 72 images, batch 8 or
+# the shrunk 32), so a whole run is seconds; the slow tests above run the longer recipes.
+FEW_STEPS = {"finetune.min_steps_per_epoch": 0, **NO_AUGMENT}
+
+
+def test_a_small_finetune_killed_with_sigkill_resumes_in_a_new_process(tmp_path: Path) -> None:
+    """kill -9 after the first head epoch's checkpoint; the rerun (this process, TensorFlow) goes on from it."""
+    from components import finetune
+
+    extra = {"finetune.head_epochs": 4, "finetune.patience": 4, "finetune.epochs": 0, "finetune.batch_size": 8, **FEW_STEPS}
+    params, params_yaml = finetune_workspace(tmp_path, extra)
+    state_file = params.paths.finetune_checkpoint / "state.json"
+    process = start_stage("finetune", params_yaml, {"KERAS_BACKEND": "jax"})
+    killed_after = 0
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                killed_after = json.loads(state_file.read_text()).get("epoch", 0)
+            except (FileNotFoundError, json.JSONDecodeError):  # not written yet, or replaced under us
+                killed_after = 0
+            if killed_after >= 1:
+                process.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.02)
+    finally:
+        if process.poll() is None and killed_after < 1:
+            process.kill()
+        output, _ = process.communicate(timeout=30)
+    assert killed_after >= 1, f"no checkpoint of epoch 1 within the deadline:\n{output[-2000:]}"
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed mid-training"
+    assert not params.paths.finetuned_model.exists()
+    state = json.loads(state_file.read_text())
+    assert state["phase"] == "head" and 1 <= state["epoch"] < 4
+
+    finetune.run(params)
+
+    report = json.loads(params.paths.finetune_report.read_text())
+    head = report["phases"]["head"]
+    assert report["resumed"] is True and head["resumed_from_epoch"] == state["epoch"]
+    assert head["epochs_run"] == len(head["val_accuracy"]) == 4
+    assert load_model_dir(params.paths.finetuned_model)[1] == TEXTURES
+    assert json.loads(state_file.read_text()) == {"fingerprint": state["fingerprint"], "finished": True}
+
+
+def test_a_small_rerun_with_the_same_seed_gives_the_same_numbers(tmp_path: Path) -> None:
+    from components import finetune
+
+    params, _ = finetune_workspace(tmp_path, FEW_STEPS)  # both phases, one epoch each
+    finetune.run(params)
+    first = json.loads(params.paths.finetune_report.read_text())
+    finetune.run(params)
+    second = json.loads(params.paths.finetune_report.read_text())
+    assert set(first["phases"]) == {"head", "unfrozen"} and second["resumed"] is False
+    assert second["val_loss"] == pytest.approx(first["val_loss"], abs=1e-6)
+    for name in ("head", "unfrozen"):
+        assert second["phases"][name]["val_accuracy"] == first["phases"][name]["val_accuracy"]
+
+
 def test_a_checkpoint_written_for_other_inputs_is_ignored(tmp_path: Path) -> None:
     from components import finetune
     from components.training.trainer import Checkpoint

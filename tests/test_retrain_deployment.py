@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import REPO, free_port, write_shrunk_params_yaml
+from tests.conftest import END_TO_END, REPO, free_port, write_shrunk_params_yaml
 
 BIN = Path(sys.executable).parent
 POOL = "tlpipe-process"  # prefect.yaml's work pool
@@ -93,7 +93,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
         shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("dvc.yaml", ".gitignore", "prefect.yaml"):
         shutil.copy(REPO / name, root / name)
-    write_shrunk_params_yaml(root / "params.yaml")
+    write_shrunk_params_yaml(root / "params.yaml", END_TO_END)
     _run(["git", "init", "-q"], root)
     _run(["dvc", "init", "-q"], root)
     _run(["git", "add", "-A"], root)
@@ -227,9 +227,14 @@ def test_the_first_run_trains_the_whole_pipeline_and_promotes_a_first_champion(r
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     assert set(lock["stages"]) == {"ingest", "validate", "clean", "source", "transfer", "finetune", "evaluate", "export"}
     metrics = json.loads((repo / "reports/metrics.json").read_text())
-    assert {"accuracy", "macro_f1", "per_class"} <= set(metrics)
+    assert metrics["accuracy"] >= END_TO_END["evaluate.min_accuracy"], "the pipeline did not learn the digits"
+    assert metrics["macro_f1"] >= END_TO_END["evaluate.min_macro_f1"]
     assert set(metrics["per_class"]) == {"5", "6", "7", "8", "9"}
-    assert json.loads((repo / "reports/gates.json").read_text())["passed"] is True
+    gates = json.loads((repo / "reports/gates.json").read_text())
+    assert gates["passed"] is True
+    assert {g["name"]: g["threshold"] for g in gates["gates"]} == {
+        "min_accuracy": END_TO_END["evaluate.min_accuracy"], "min_macro_f1": END_TO_END["evaluate.min_macro_f1"]
+    }
     assert json.loads((repo / "reports/export.json").read_text())["max_abs_diff"] <= 1e-4
     assert json.loads((repo / "reports/quarantine.json").read_text())["reconciled"] is True
 
@@ -284,8 +289,10 @@ class _Hook(http.server.BaseHTTPRequestHandler):
         pass
 
 
-@pytest.mark.timeout(600)
-def test_a_failed_run_notifies_the_webhook_block_and_leaves_the_champion(repo: Path, prefect: dict[str, Any]) -> None:
+@pytest.mark.timeout(1800)  # the runs fixture first, when run alone
+def test_a_failed_run_notifies_the_webhook_block_and_leaves_the_champion(
+    repo: Path, prefect: dict[str, Any], runs: list[Any]
+) -> None:
     from prefect.blocks.webhook import Webhook
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Hook)
@@ -309,13 +316,85 @@ def test_a_failed_run_notifies_the_webhook_block_and_leaves_the_champion(repo: P
     assert (repo / "models/production/model.onnx").read_bytes() == champion
 
 
-def test_dvc_repro_after_the_run_reruns_nothing_and_a_gate_change_reruns_only_evaluation(repo: Path) -> None:
+def set_params(repo: Path, changes: dict[str, object]) -> None:
+    from components.core.config import set_dotted
+
+    raw = yaml.safe_load((repo / "params.yaml").read_text())
+    (repo / "params.yaml").write_text(yaml.safe_dump(set_dotted(raw, changes), sort_keys=False))
+
+
+@pytest.mark.timeout(1800)  # the runs fixture first, when run alone
+def test_dvc_repro_after_the_run_reruns_nothing_and_a_gate_change_reruns_only_evaluation(repo: Path, runs: list[Any]) -> None:
     again = _run(["dvc", "repro"], repo)
     assert _ran(again.stdout) <= {"ingest"}, "ingest only checks its inputs; nothing else may rerun"
     assert "nothing rewritten" in again.stderr + again.stdout
 
-    params = (repo / "params.yaml").read_text()
-    (repo / "params.yaml").write_text(params.replace("min_accuracy: 0.0", "min_accuracy: 0.01"))
+    set_params(repo, {"evaluate.min_accuracy": END_TO_END["evaluate.min_accuracy"] - 0.01})
     changed = _run(["dvc", "repro"], repo).stdout
     assert _ran(changed) - {"ingest"} <= {"evaluate", "export"}
     assert "evaluate" in _ran(changed)
+
+
+@pytest.mark.timeout(1800)  # the runs fixture first, when run alone
+def test_the_reports_read_back_through_dvc_and_tlpipe_summary(repo: Path, runs: list[Any]) -> None:
+    """`dvc metrics show`, `dvc plots show` and `tlpipe summary` as a user runs them, on the run's real outputs."""
+    metrics = json.loads((repo / "reports/metrics.json").read_text())
+    shown = json.loads(_run(["dvc", "metrics", "show", "--json"], repo).stdout)
+    by_file = next(iter(shown.values()))["data"]
+    assert by_file["reports/metrics.json"]["data"]["accuracy"] == metrics["accuracy"]
+    assert by_file["reports/gates.json"]["data"]["passed"] is True
+    assert "reports/export.json" in by_file and "reports/finetune.json" in by_file
+
+    shown = _run(["dvc", "plots", "show", "-o", "plots_html"], repo).stdout
+    assert "plots_html/index.html" in shown
+    page = (repo / "plots_html/index.html").read_text()
+    assert "reports/confusion.csv" in page and "confusion.png" in page
+    assert "finetune/plots/metrics/val_accuracy.tsv" in page, "the training curves are plotted"
+
+    text = _run([str(BIN / "tlpipe"), "summary"], repo).stdout
+    assert f"target test accuracy {metrics['accuracy']:.4g}, macro F1 {metrics['macro_f1']:.4g}" in text
+    assert "gates: PASSED" in text
+    transfer = json.loads((repo / "reports/transfer.json").read_text())
+    assert f"transfer: {len(transfer['transferred'])} transferred, 0 skipped, 1 reinitialized layers" in text
+    counts = json.loads((repo / "reports/quarantine.json").read_text())["counts"]
+    assert f"target: input {counts['target']['input']}, kept {counts['target']['kept']}" in text
+    predict = next(line.strip() for line in text.splitlines() if line.strip().startswith("tlpipe predict"))
+    answer = _run([str(BIN / "tlpipe"), *predict.split()[1:]], repo).stdout
+    assert answer.split("\t")[1] in {"5", "6", "7", "8", "9"}, "the suggested command works as printed"
+
+
+@pytest.mark.timeout(1800)  # the runs fixture first, when run alone
+def test_after_a_failed_dvc_repro_promote_refuses_the_stale_challenger(repo: Path, runs: list[Any]) -> None:
+    """A gate nothing passes: `dvc repro` fails at evaluate, models/model.onnx is the previous run's, and
+    `tlpipe promote` says so (exit 1) instead of judging it, leaving production and its report alone."""
+    before = (repo / "params.yaml").read_text()
+    champion = os.readlink(repo / "models/production")
+    report = (repo / "reports/promotion.json").read_bytes()
+    set_params(repo, {"evaluate.min_accuracy": 0.999})
+    try:
+        failed = subprocess.run(["dvc", "repro"], cwd=repo, env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"},
+                                capture_output=True, text=True, timeout=900)
+        assert failed.returncode != 0 and "gates failed" in failed.stdout + failed.stderr
+
+        promoted = subprocess.run([str(BIN / "tlpipe"), "promote"], cwd=repo, capture_output=True, text=True, timeout=300)
+    finally:
+        (repo / "params.yaml").write_text(before)
+    assert promoted.returncode == 1, promoted.stdout
+    assert "is not what the current graph produces" in promoted.stderr
+    assert "stage evaluate out of date (changed deps: params.yaml (evaluate)" in promoted.stderr
+    assert "stage export out of date (changed deps: reports/gates.json" in promoted.stderr
+    assert "run dvc repro" in promoted.stderr
+    assert os.readlink(repo / "models/production") == champion
+    assert (repo / "reports/promotion.json").read_bytes() == report
+
+
+@pytest.mark.slow  # reruns evaluation and export
+@pytest.mark.timeout(1800)
+def test_dvc_exp_run_runs_an_experiment_with_a_changed_param(repo: Path, runs: list[Any]) -> None:
+    before = (repo / "params.yaml").read_text()
+    done = _run(["dvc", "exp", "run", "-S", f"evaluate.min_macro_f1={END_TO_END['evaluate.min_macro_f1'] - 0.02}"], repo)
+    assert "evaluate" in _ran(done.stdout)
+    shown = json.loads(_run(["dvc", "exp", "show", "--json"], repo).stdout)
+    assert "min_macro_f1" in json.dumps(shown)
+    assert (repo / "params.yaml").read_text() != before, "dvc exp run applies the param to the workspace"
+    assert json.loads((repo / "reports/gates.json").read_text())["passed"] is True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 from pathlib import Path
 
@@ -34,7 +35,7 @@ def test_digits_pass_and_every_report_is_written(tmp_path: Path) -> None:
     first = rows[0]
     assert first["path"].startswith("source/0/digit_") and first["label"] == "0"
     assert (first["width"], first["height"], first["mode"], first["decodable"]) == ("8", "8", "L", "True")
-    assert len(first["sha256"]) == 64
+    assert first["sha256"] == hashlib.sha256((params.paths.raw / first["path"]).read_bytes()).hexdigest()
 
     report = json.loads(params.paths.validation.read_text())
     assert report["success"] is True

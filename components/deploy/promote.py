@@ -43,6 +43,7 @@ MODEL_FILE = "model.onnx"
 LINEAGE_FILE = "lineage.json"
 CARD_FILE = "MODEL_CARD.md"
 _VERSION = re.compile(r"^v(\d+)$")
+EXPORT_STAGE = "export"  # the dvc.yaml stage that writes the challenger, paths.onnx_model
 
 
 @dataclass(frozen=True)
@@ -188,12 +189,38 @@ def _next_version(params: Params, root: Path) -> str:
     return f"v{max(taken, default=0) + 1}"
 
 
-def _tag(params: Params, root: Path, version: str) -> str | None:
-    name = f"{params.promote.tag_prefix}{version[1:]}"
-    if _git(["tag", name, "HEAD"], root) is None:
-        log.warning("could not create git tag %s (it may exist already); the release is recorded in lineage.json", name)
-        return None
-    return name
+def _ensure_tag(root: Path, lineage: dict[str, Any]) -> tuple[str | None, bool]:
+    """The git tag the release's lineage names, on the commit it names: (tag or None, whether created now).
+
+    Idempotent, so a rerun completes a promotion killed between the production link and the tag.
+    """
+    name, commit = lineage.get("tag"), (lineage.get("code") or {}).get("commit")
+    if not name or not commit:
+        return None, False
+    existing = _git(["rev-parse", "--verify", "--quiet", f"refs/tags/{name}^{{commit}}"], root)
+    if existing == commit:
+        return name, False
+    if existing is not None:
+        log.warning("git tag %s names commit %s, not the release's %s: left as it is", name, existing, commit)
+        return None, False
+    if _git(["tag", name, commit], root) is None:
+        log.warning("could not create git tag %s on %s; the release is recorded in lineage.json", name, commit)
+        return None, False
+    return name, True
+
+
+def _lineage(release: Path) -> dict[str, Any]:
+    path = release / LINEAGE_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _release_holding(releases: Path, sha256: str) -> Path | None:
+    """A complete release that already holds this exact model (one an interrupted promotion wrote), if any."""
+    found = [
+        p for p in (releases.iterdir() if releases.is_dir() else [])
+        if _VERSION.match(p.name) and (p / MODEL_FILE).is_file() and sha256_file(p / MODEL_FILE) == sha256
+    ]
+    return max(found, key=lambda p: int(p.name[1:]), default=None)
 
 
 def _gate_table(rows: list[dict[str, Any]]) -> list[str]:
@@ -275,12 +302,58 @@ def _reasons(rows: list[dict[str, Any]], champion_version: str | None, comparabl
     return reasons
 
 
+def _changes(changes: list[Any]) -> str:
+    """DVC's status entries for one stage, in words: `changed deps: components/x.py`, `changed outs: ...`."""
+    words = []
+    for change in changes:
+        if isinstance(change, dict):
+            for kind, detail in change.items():
+                items = detail.items() if isinstance(detail, dict) else [(detail, None)]
+                # A changed params file comes with the keys that changed.
+                named = [f"{path} ({', '.join(sorted(inner))})" if isinstance(inner, dict) else str(path) for path, inner in items]
+                words.append(f"{kind}: {', '.join(sorted(named))}")
+        else:
+            words.append(str(change))
+    return "; ".join(words)
+
+
+def stale_stages(root: Path, stage: str | None = EXPORT_STAGE) -> dict[str, str]:
+    """The stages up to `stage` (None: the whole graph) whose deps, params, code or outputs differ from
+    dvc.lock, as DVC sees them (its repo API, what `dvc status --json` prints), in words; {} outside a
+    DVC repository."""
+    if not (root / ".dvc").is_dir() or not (root / "dvc.yaml").is_file():
+        return {}
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+
+    try:
+        with Repo(str(root)) as repo:
+            targets = [f"{root / 'dvc.yaml'}:{stage}"] if stage else [str(root / "dvc.yaml")]
+            status = repo.status(targets=targets, with_deps=True)
+    except DvcException as error:
+        raise PipelineError(f"dvc status of {root} failed: {error}; fix the repository (dvc doctor), then rerun") from error
+    # An always_changed stage (ingest) is always listed; it is out of date only with other changes.
+    return {name.split(":")[-1]: _changes(changes) for name, changes in status.items() if changes != ["always changed"]}
+
+
 def run(params: Params) -> PromotionResult:
-    """Score challenger and champion on the same test split, decide, promote atomically, report."""
+    """Score challenger and champion on the same test split, decide, promote atomically, report.
+
+    Rerunnable: whatever step a killed run stopped after, a rerun completes it (the release
+    already written is moved to instead of writing another, and a missing tag is created).
+    """
     paths = params.paths
     root = paths.dvc_lock.parent
     if not paths.onnx_model.is_file():
         raise PipelineError(f"{paths.onnx_model} not found: run the pipeline first (dvc repro) to export a challenger")
+    stale = stale_stages(root)
+    if stale:
+        raise PipelineError(
+            f"{paths.onnx_model} is not what the current graph produces: DVC reports "
+            + "; ".join(f"stage {name} out of date ({why})" for name, why in stale.items())
+            + ". The last dvc repro failed or has not run since a change: run dvc repro (or dvc commit, "
+            "if you ran the stages another way), then tlpipe promote"
+        )
     test = load_split(paths.clean, "target", "test")
     challenger = score(paths.onnx_model, test)
     if tuple(challenger["labels"]) != test.classes:
@@ -299,36 +372,55 @@ def run(params: Params) -> PromotionResult:
         "gates": rows, "challenger": challenger, "champion": champion, "production": str(paths.production),
         "tag": None,
     }
+    completed: list[str] = []
+    if found is not None:  # a run killed after moving production but before tagging left the tag out
+        report["tag"], created = _ensure_tag(root, _lineage(found[1]))
+        if created:
+            completed.append(f"created the git tag {report['tag']} of production {champion_version}, which an interrupted promotion left out")
     if champion is not None and champion["sha256"] == challenger["sha256"]:
         decision, version, reasons = "kept", champion_version, [f"the challenger is the champion {champion_version} (same ONNX sha256)"]
     elif not all(g["passed"] for g in rows):
         decision, version = "rejected", champion_version
     else:
-        decision, version = "promoted", _next_version(params, root)
-        data = paths.onnx_model.read_bytes()
-        if hashlib.sha256(data).hexdigest() != challenger["sha256"]:
-            raise PipelineError(f"{paths.onnx_model} changed while it was being scored: rerun tlpipe promote")
-        code = code_version(root)
-        lineage = {
-            "version": version, "time": now, "replaced": champion_version, "onnx_sha256": challenger["sha256"],
-            "labels": challenger["labels"], "gates": rows,
-            "metrics": {"challenger": challenger["metrics"], "champion": champion["metrics"] if comparable else None},
-            "code": code, "dvc": dvc_hashes(params),
-            "params": params.model_dump(by_alias=True, mode="json", exclude={"paths"}),
-            "tag": f"{params.promote.tag_prefix}{version[1:]}" if params.promote.tag_prefix and code["commit"] else None,
-        }
-        files = {
-            MODEL_FILE: data,
-            "labels.txt": "".join(f"{label}\n" for label in challenger["labels"]).encode(),
-            LINEAGE_FILE: (json.dumps(lineage, indent=2) + "\n").encode(),
-            CARD_FILE: _model_card(params, lineage).encode(),
-        }
-        release = _write_release(paths.releases, version, files)
+        decision = "promoted"
+        release = _release_holding(paths.releases, challenger["sha256"])
+        if release is not None:
+            completed.append(f"moved production to {release.name}, which holds this model already (an interrupted promotion's release)")
+        else:
+            release = _write_release(paths.releases, *_release_files(params, root, challenger, champion if comparable else None,
+                                                                     champion_version, rows, now))
+        version = release.name
         _point_production(paths.production, release)
         # Tagged only once production holds the version, so a tag never names a model that was not served.
-        report["tag"] = _tag(params, root, version) if lineage["tag"] else None
+        report["tag"], _ = _ensure_tag(root, _lineage(release))
         log.info("promoted %s to %s", release, paths.production)
-    report.update(decision=decision, version=version, reasons=reasons)
+    report.update(decision=decision, version=version, reasons=[*reasons, *completed])
     write_json(paths.promotion_report, report)
     write_text(paths.promotion_summary, summary_markdown(report))
-    return PromotionResult(decision, version, tuple(reasons))
+    return PromotionResult(decision, version, tuple(report["reasons"]))
+
+
+def _release_files(
+    params: Params, root: Path, challenger: dict[str, Any], champion: dict[str, Any] | None,
+    champion_version: str | None, rows: list[dict[str, Any]], now: str,
+) -> tuple[str, dict[str, bytes]]:
+    """The next version and the files of its release: the model exactly as scored, labels, lineage, card."""
+    version = _next_version(params, root)
+    data = params.paths.onnx_model.read_bytes()
+    if hashlib.sha256(data).hexdigest() != challenger["sha256"]:
+        raise PipelineError(f"{params.paths.onnx_model} changed while it was being scored: rerun tlpipe promote")
+    code = code_version(root)
+    lineage = {
+        "version": version, "time": now, "replaced": champion_version, "onnx_sha256": challenger["sha256"],
+        "labels": challenger["labels"], "gates": rows,
+        "metrics": {"challenger": challenger["metrics"], "champion": champion["metrics"] if champion else None},
+        "code": code, "dvc": dvc_hashes(params),
+        "params": params.model_dump(by_alias=True, mode="json", exclude={"paths"}),
+        "tag": f"{params.promote.tag_prefix}{version[1:]}" if params.promote.tag_prefix and code["commit"] else None,
+    }
+    return version, {
+        MODEL_FILE: data,
+        "labels.txt": "".join(f"{label}\n" for label in challenger["labels"]).encode(),
+        LINEAGE_FILE: (json.dumps(lineage, indent=2) + "\n").encode(),
+        CARD_FILE: _model_card(params, lineage).encode(),
+    }
