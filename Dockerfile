@@ -50,18 +50,18 @@ WORKDIR /app
 COPY --chown=10001:10001 requirements.lock requirements-test.lock ./
 RUN python3.11 -m venv .venv \
     && .venv/bin/python -m pip install --quiet --disable-pip-version-check uv==0.13.8 \
-    && .venv/bin/uv pip install --python .venv/bin/python -r requirements.lock
+    && .venv/bin/uv pip install --quiet --python .venv/bin/python -r requirements.lock
 
 # GPU: jax and its dependencies pinned by the test lock (the version the backend tests run);
 # only the CUDA plugin and NVIDIA library wheels that jax[cuda12] adds are resolved at build time.
 RUN if [ "$VARIANT" = gpu ]; then \
-        .venv/bin/uv pip install --python .venv/bin/python -c requirements-test.lock "jax[cuda12]"; \
+        .venv/bin/uv pip install --quiet --python .venv/bin/python -c requirements-test.lock "jax[cuda12]"; \
     elif [ "$VARIANT" != cpu ]; then \
         echo "VARIANT must be cpu or gpu, not '$VARIANT'" >&2; exit 1; \
     fi
 
 COPY --chown=10001:10001 . .
-RUN .venv/bin/uv pip install --python .venv/bin/python --no-deps -e .
+RUN .venv/bin/uv pip install --quiet --python .venv/bin/python --no-deps -e .
 
 ENTRYPOINT ["tlpipe"]
 CMD ["run"]
