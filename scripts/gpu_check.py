@@ -6,7 +6,7 @@ Run through scripts/gpu_check.sh (the one documented command). Two steps:
   JAX and numpy (versions from requirements.lock) into .whl/, and runs the real stages into
   .cache/gpu_check/: the default pipeline up to `transfer` (digits at 16 px, the small transferred
   model) and `clean` again at 224 px RGB. About 20 MB of wheels and 10 MB of data: both travel.
-- `run`, on the GPU host: unpacks the wheels into .cache/gpu_check/site (no pip, no network), then
+- `run`, on the GPU host: unpacks the wheels into .cache/gpu_check_runs/ (no pip, no network), then
   1. fine-tunes the carried default model exactly as `dvc repro` would (precision auto: bf16 on a GPU);
   2. for each backbone at 224 px: the fine-tune stage, then a plain `model.fit` of the same model on
      the same in-memory arrays, batch size and precision; prints the steady-state images/second of
@@ -30,6 +30,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 CARRIED = REPO / ".cache" / "gpu_check"  # git-ignored; travels with the command
+RUNS = REPO / ".cache" / "gpu_check_runs"  # what the check unpacks and writes: never carried
 WHEELS = REPO / ".whl"
 # What the fine-tune stage imports beyond what a JAX install brings (jax, jaxlib, numpy, ml-dtypes, scipy).
 PACKAGES = ("keras", "optree", "namex", "absl-py", "h5py", "rich", "markdown-it-py", "mdurl", "pygments",
@@ -198,11 +199,14 @@ def _speed(work: Path, backbone: str, args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    install(args.wheels, CARRIED / "site")
+    install(args.wheels, RUNS / "site")
     os.environ.setdefault("KERAS_BACKEND", "jax")
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from components.training.trainer import deterministic_xla
+
+    deterministic_xla()  # as the stage run by dvc repro has it: before JAX lists its devices, below
     import jax
     import keras
 
@@ -266,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("--precision", default="auto", help="finetune.precision of the speed runs")
     check.add_argument("--default-epochs", type=int, default=None,
                        help="epochs of the default run (default: params.yaml's; 0 skips it)")
-    check.add_argument("--work", default=str(CARRIED / "work"), help="where the runs write (deleted first)")
+    check.add_argument("--work", default=str(RUNS / "work"), help="where the runs write (deleted first)")
     check.add_argument("--out", default=os.environ.get("OUT"), help="folder for gpu_check.json (default: $OUT)")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(REPO))  # components/, wherever this is started from

@@ -1,6 +1,6 @@
 """What the first GPU run would meet, reproduced on CPU: BatchNorm in inference mode while fine-tuning,
 loss scaling under mixed_float16, checkpoints tied to their precision and backend, one model behind the
-reported validation figures, and steady-state throughput.
+reported validation figures, steady-state throughput, and the settings for repeatable GPU runs.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import pytest
 
 from components import finetune
 from components.core.config import Params, with_overrides
-from components.training.models import BACKBONE_NAME, build_model, load_model_dir, save_model_dir
 from components.data.dataset import load_split
+from components.training.models import BACKBONE_NAME, build_model, load_model_dir, save_model_dir
 from components.training.trainer import (
     Augment, Throughput, compile_model, evaluate, prepare_backend, with_augmentation, with_precision,
 )

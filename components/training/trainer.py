@@ -467,6 +467,13 @@ def resolve_precision(precision: str) -> str:
     return "mixed_bfloat16" if accelerators() else "float32"
 
 
+def deterministic_xla() -> None:
+    """Ask XLA for deterministic GPU kernels: effective only if JAX has not listed its devices yet."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_gpu_deterministic_ops" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_gpu_deterministic_ops=true".strip()
+
+
 def prepare_backend(precision: str) -> str:
     """Set the backend up for a repeatable run and resolve `precision`; returns the policy.
 
@@ -481,9 +488,7 @@ def prepare_backend(precision: str) -> str:
     """
     backend = keras.backend.backend()
     if backend == "jax":
-        flags = os.environ.get("XLA_FLAGS", "")
-        if "xla_gpu_deterministic_ops" not in flags:
-            os.environ["XLA_FLAGS"] = f"{flags} --xla_gpu_deterministic_ops=true".strip()
+        deterministic_xla()
     policy = resolve_precision(precision)
     exact = policy == "float32"
     if backend == "jax":
