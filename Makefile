@@ -15,14 +15,14 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 .PHONY: run test test-all setup setup-test lock clean-outputs
 
 run: $(VENV)/.run-installed
-	@test -d .git || { echo "make run needs a git checkout (DVC versions outputs against git)"; exit 1; }
+	@test -e .git || { echo "make run needs a git checkout (DVC versions outputs against git)"; exit 1; }
 	$(BIN)/dvc repro
 	$(BIN)/tlpipe summary
 
-test: $(VENV)/.test-installed
+test: $(VENV)/.test-installed $(VENV)/.browser-installed
 	$(BIN)/pytest
 
-test-all: $(VENV)/.test-installed
+test-all: $(VENV)/.test-installed $(VENV)/.browser-installed
 	$(BIN)/pytest -m ""
 
 setup: $(VENV)/.run-installed
@@ -43,6 +43,12 @@ $(VENV)/.test-installed: requirements-test.lock pyproject.toml | $(BIN)/uv
 	$(BIN)/uv pip install --python $(BIN)/python -r requirements-test.lock
 	$(BIN)/uv pip install --python $(BIN)/python --no-deps -e .
 	@touch $@ $(VENV)/.run-installed
+
+# Headless Chromium (Debian's package) for the tests that open the HTML pages with the network off.
+$(VENV)/.browser-installed: | $(BIN)/uv
+	@command -v chromium >/dev/null || { apt-get update && apt-get install -y chromium; } || { \
+		echo "could not install chromium: install Debian's chromium package (apt-get install chromium)"; exit 1; }
+	@touch $@
 
 # Re-pin every dependency after changing pyproject.toml (needs the package registry).
 lock: | $(BIN)/uv
