@@ -59,6 +59,8 @@ def _errors(params: Params) -> tuple[list[ErrorCase], int, str]:
 
     model, classes = load_model_dir(params.paths.finetuned_model)
     test = _split(params, "target", "test")
+    if classes != test.classes:
+        raise PipelineError(f"the model's classes {classes} differ from the test split's {test.classes}: rerun transfer")
     probabilities = model.predict(test.x, batch_size=256, verbose=0)
     predicted = probabilities.argmax(axis=1)
     wrong = np.flatnonzero(predicted != test.y)

@@ -111,6 +111,8 @@ np.savez(sys.argv[3], probabilities=explanation.probabilities, heatmaps=np.stack
 """
 
 
+# Slow: a JAX subprocess (import, load, first trace) took 35-75 s on 2 busy cores, 9 s of it CPU.
+@pytest.mark.slow
 def test_tensorflow_and_jax_maps_of_one_keras_file_agree(trained, tmp_path: Path) -> None:
     _, folder, _ = trained
     images, _, _ = patch_images(12, seed=3)
@@ -130,11 +132,12 @@ def test_tensorflow_and_jax_maps_of_one_keras_file_agree(trained, tmp_path: Path
     np.testing.assert_allclose(theirs["heatmaps"], np.stack(ours.heatmaps), atol=1e-3)
 
 
-HEAVY = pytest.mark.slow  # 3-7 s each to build on 2 busy cores; one application backbone stays in the default suite
+# 5-20 s each to build and explain on 2 busy cores; the default suite explains VGG16 below (downloaded backbone).
+HEAVY = pytest.mark.slow
 
 
 @pytest.mark.parametrize("backbone", [
-    "simple_cnn", "mobilenet_v3_small", pytest.param("mobilenet_v3_large", marks=HEAVY),
+    "simple_cnn", pytest.param("mobilenet_v3_small", marks=HEAVY), pytest.param("mobilenet_v3_large", marks=HEAVY),
     pytest.param("efficientnet_v2_b0", marks=HEAVY), pytest.param("resnet50", marks=HEAVY),
     pytest.param("vgg16", marks=HEAVY),
 ])

@@ -450,7 +450,9 @@ def lineage(params: Params, stages: list[str]) -> str:
                          out.get("nfiles") or ""])
     hashes = table(["stage", "output", "md5 (DVC)", "files"], rows) if rows else (
         f"<p class=muted>{esc(params.paths.dvc_lock)} not found: run through dvc repro to record data hashes.</p>")
-    dumped = yaml.safe_dump(params.model_dump(mode="json", by_alias=True, exclude={"paths"}), sort_keys=False)
+    # The sections the model was made with (dvc.yaml reruns the report when one changes).
+    made_with = params.model_dump(mode="json", by_alias=True, exclude={"paths", "export", "promote"})
+    dumped = yaml.safe_dump(made_with, sort_keys=False)
     return (f"<h3>Lineage</h3><p>Code: commit <code>{esc(commit)}</code>{esc(dirty)}.</p>{hashes}"
             f"<details><summary>params (as this run read them)</summary><pre>{esc(dumped)}</pre></details>")
 
