@@ -185,11 +185,20 @@ class GradCam:
         # The softmax head's pre-activation, computed from its own weights.
         return keras.ops.matmul(out, self._head.kernel) + self._head.bias
 
-    def explain(self, images: np.ndarray, class_index: np.ndarray | None = None) -> Explanation:
-        """Maps for a batch of uint8 images (N, H, W, C) of one size; class_index None: the predicted class."""
+    def explain(self, images: np.ndarray, class_index: np.ndarray | None = None, batch_size: int = 32) -> Explanation:
+        """Maps for uint8 images (N, H, W, C) of one size; class_index None: the predicted class."""
         images = np.asarray(images)
-        if images.ndim != 4:
-            raise PipelineError(f"Grad-CAM takes a batch (N, height, width, channels), got shape {images.shape}")
+        if images.ndim != 4 or not len(images):
+            raise PipelineError(f"Grad-CAM takes a batch (N > 0, height, width, channels), got shape {images.shape}")
+        chosen = None if class_index is None else np.asarray(class_index, dtype=np.int64)
+        parts = [self._explain(images[start : start + batch_size],
+                               None if chosen is None else chosen[start : start + batch_size])
+                 for start in range(0, len(images), batch_size)]
+        return Explanation(np.concatenate([p.probabilities for p in parts]),
+                           np.concatenate([p.class_index for p in parts]),
+                           tuple(h for p in parts for h in p.heatmaps), self.layer)
+
+    def _explain(self, images: np.ndarray, class_index: np.ndarray | None) -> Explanation:
         features = keras.ops.convert_to_numpy(self._front(keras.ops.convert_to_tensor(images)))
         logits = keras.ops.convert_to_numpy(self._logits(keras.ops.convert_to_tensor(features)))
         probabilities = keras.ops.convert_to_numpy(keras.ops.softmax(logits)) if self._head is not None else logits
@@ -209,7 +218,7 @@ def _resize_map(cam: np.ndarray, height: int, width: int) -> np.ndarray:
 
     peak = float(cam.max())
     scaled = (cam / peak).astype(np.float32) if peak > 0 else np.zeros_like(cam, dtype=np.float32)
-    resized = Image.fromarray(scaled, mode="F").resize((width, height), Image.Resampling.BILINEAR)
+    resized = Image.fromarray(scaled).resize((width, height), Image.Resampling.BILINEAR)
     return np.clip(np.asarray(resized), 0.0, 1.0)
 
 
@@ -223,6 +232,6 @@ def overlay(image: np.ndarray, heatmap: np.ndarray, side: int = 128, alpha: floa
     scale = max(1, side // max(height, width))
     size = (width * scale, height * scale)
     base = np.asarray(Image.fromarray(rgb.astype(np.uint8)).resize(size, Image.Resampling.NEAREST), dtype=np.float32)
-    heat = np.asarray(Image.fromarray(heatmap.astype(np.float32), mode="F").resize(size, Image.Resampling.BILINEAR))
+    heat = np.asarray(Image.fromarray(heatmap.astype(np.float32)).resize(size, Image.Resampling.BILINEAR))
     colours = colormaps["jet"](np.clip(heat, 0, 1))[..., :3] * 255
     return ((1 - alpha) * base + alpha * colours).round().clip(0, 255).astype(np.uint8)
