@@ -1,12 +1,13 @@
 """Stage `report`: reports/report.html, the run on one self-contained page, its errors explained by Grad-CAM.
 
-Reads the artifacts of the stages before it, a few training images per class, and the fine-tuned
-model's mistakes on the target test split; the page itself is built by components.deploy.report.
+Reads the artifacts of the stages before it (the mistakes on the target test split with their
+Grad-CAM maps come from evaluate, which has the model loaded: this stage needs no Keras) and a few
+training images per class; the page itself is built by components.deploy.report.
 """
 
 from __future__ import annotations
 
-import io
+import json
 import logging
 from dataclasses import dataclass
 
@@ -17,7 +18,7 @@ from components.core.config import Params
 from components.core.errors import PipelineError
 from components.data.dataset import Split, class_names, load_split
 from components.core.graph import stage_names
-from components.deploy.report import MAX_ERRORS, SAMPLES_PER_CLASS, ErrorCase, render, thumbnail
+from components.deploy.report import ERRORS_FILE, SAMPLES_PER_CLASS, ErrorCase, render, thumbnail
 
 log = logging.getLogger(__name__)
 
@@ -50,33 +51,21 @@ def _samples(params: Params) -> dict[str, dict[str, list[np.ndarray]]]:
     return samples
 
 
-def _errors(params: Params) -> tuple[list[ErrorCase], int, str]:
-    """The misclassified test images, most confident first, each with its Grad-CAM overlay."""
+def _errors(params: Params) -> tuple[list[ErrorCase], int, str | None]:
+    """The misclassified test images evaluate explained (Grad-CAM needs the model; it had it loaded)."""
     from PIL import Image
 
-    from components.training.gradcam import GradCam, overlay
-    from components.training.models import load_model_dir
-
-    model, classes = load_model_dir(params.paths.finetuned_model)
-    test = _split(params, "target", "test")
-    if classes != test.classes:
-        raise PipelineError(f"the model's classes {classes} differ from the test split's {test.classes}: rerun transfer")
-    probabilities = model.predict(test.x, batch_size=256, verbose=0)
-    predicted = probabilities.argmax(axis=1)
-    wrong = np.flatnonzero(predicted != test.y)
-    wrong = wrong[np.argsort(-probabilities[wrong, predicted[wrong]], kind="stable")][:MAX_ERRORS]
-    cam = GradCam(model)
-    if not len(wrong):
-        return [], 0, cam.layer
-    explanation = cam.explain(test.x[wrong], predicted[wrong])
+    folder = params.paths.explained_errors
+    if not (folder / ERRORS_FILE).is_file():
+        raise PipelineError(f"{folder / ERRORS_FILE} not found: run the evaluate stage first (dvc repro evaluate)")
+    errors = json.loads((folder / ERRORS_FILE).read_text())
     cases = []
-    for index, heatmap in zip(wrong, explanation.heatmaps):
-        buffer = io.BytesIO()
-        Image.fromarray(overlay(test.x[index], heatmap)).save(buffer, format="PNG")
-        cases.append(ErrorCase(test.paths[index], classes[test.y[index]], classes[predicted[index]],
-                               float(probabilities[index, predicted[index]]), thumbnail(test.x[index], 128),
-                               buffer.getvalue()))
-    return cases, int((predicted != test.y).sum()), cam.layer
+    for case in errors["cases"]:
+        with Image.open(folder / case["image"]) as image:
+            pixels = np.asarray(image)
+        cases.append(ErrorCase(case["path"], case["true"], case["predicted"], case["probability"],
+                               thumbnail(pixels, 128), (folder / case["overlay"]).read_bytes()))
+    return cases, errors["misclassified"], errors["layer"]
 
 
 def run(params: Params) -> ReportResult:

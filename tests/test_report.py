@@ -82,6 +82,13 @@ def test_the_bundle_copy_has_the_export_section_filled_in(run: Params) -> None:
     assert refresh_export("<p>no markers</p>", {"onnx_sha256": "x"}) == "<p>no markers</p>"
 
 
+def test_the_flows_artifact_links_the_bundles_copy(run: Params) -> None:
+    from flows.pipeline import run_summary
+
+    copy = (run.paths.bundle / "report.html").resolve().as_uri()
+    assert f"| run report | [report.html]({copy}) |" in run_summary(run, stage_names())
+
+
 @needs_chromium
 @pytest.mark.parametrize("copy", ["reports", "bundle"])
 def test_chromium_offline_renders_every_section_and_image_and_requests_nothing(run: Params, copy: str) -> None:

@@ -182,6 +182,7 @@ class Paths(_Section):
     promotion_report: Path
     promotion_summary: Path
     dvc_lock: Path
+    explained_errors: Path
     report: Path
 
 

@@ -235,3 +235,4 @@ def overlay(image: np.ndarray, heatmap: np.ndarray, side: int = 128, alpha: floa
     heat = np.asarray(Image.fromarray(heatmap.astype(np.float32)).resize(size, Image.Resampling.BILINEAR))
     colours = colormaps["jet"](np.clip(heat, 0, 1))[..., :3] * 255
     return ((1 - alpha) * base + alpha * colours).round().clip(0, 255).astype(np.uint8)
+
