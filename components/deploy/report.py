@@ -264,9 +264,8 @@ def _drift(params: Params) -> str:
     drift = read_report(params.paths.drift_report)
     if drift is None:
         return "<h3>Drift</h3>" + missing(params.paths.drift_report)
-    rows = [[c.get("name") or c.get("check"), c.get("task"), c.get("value"), c.get("threshold") or c.get("bound"),
-             verdict(c.get("passed"))] for c in drift.get("checks", [])]
-    body = table(["check", "task", "value", "bound", "result"], rows) if rows else ""
+    rows = [[c.get("name"), c.get("value"), c.get("threshold"), verdict(c.get("passed"))] for c in drift.get("checks", [])]
+    body = table(["check", "value", "bound", "result"], rows) if rows else ""
     return f"<h3>Drift against the reference: {verdict(drift.get('passed'))}</h3><p>{esc(drift.get('status', ''))}</p>{body}"
 
 
