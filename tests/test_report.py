@@ -29,6 +29,11 @@ PAGE_FACTS = """{
 needs_chromium = pytest.mark.skipif(chromium() is None, reason="needs Debian's chromium: make .venv/.browser-installed")
 
 
+def run_overrides(root: Path) -> dict[str, object]:
+    return {"data.source_dir": str(root / "in" / "source"), "data.target_dir": str(root / "in" / "target"),
+            "export.variants": [], "source.epochs": 3, "finetune.epochs": 2}
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Params:
     """Every stage, in dvc.yaml order, on 3 + 3 classes of 12 px images (about a minute here)."""
@@ -37,8 +42,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Params:
     target = write_class_folders(root / "in" / "target", ["x", "y", "z"], per_class=30, seed=2)
     shutil.copy(target / "x" / "x_0000.png", target / "x" / "copy_of_x_0000.png")  # quarantined: a duplicate
     (target / "y" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")  # quarantined: cannot decode
-    params = shrunk_params(root, {"data.source_dir": str(source), "data.target_dir": str(target),
-                                  "export.variants": [], "source.epochs": 3, "finetune.epochs": 2})
+    params = shrunk_params(root, run_overrides(root))
     for name in stage_names():
         stage_module(name).run(params)
     return params
@@ -120,3 +124,30 @@ def test_the_report_without_errors_or_export_still_renders(run: Params, tmp_path
 
     page = render(run, {}, [], 0, "backbone.block3_relu2", ["ingest"])
     assert "No test image is misclassified" in page and "The export stage runs after this page" in page
+
+
+# The stage, run in a fresh interpreter on the module's run: the modules it loaded.
+STAGE_ALONE = """
+import json, sys
+from pathlib import Path
+from components import report
+from tests.conftest import shrunk_params
+from tests.test_report import run_overrides
+root = Path(sys.argv[1])
+report.run(shrunk_params(root, run_overrides(root)))
+print(json.dumps([m for m in ("tensorflow", "keras", "jax", "torch") if m in sys.modules]))
+"""
+
+
+def test_the_report_stage_loads_no_deep_learning_framework(run: Params) -> None:
+    """Its errors come explained from evaluate: importing TensorFlow would cost 5-25 s per run here."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    root = run.paths.raw.parents[1]
+    done = subprocess.run([sys.executable, "-c", STAGE_ALONE, str(root)], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"
