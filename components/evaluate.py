@@ -155,7 +155,7 @@ def run(params: Params) -> EvaluateResult:
     write_json(params.paths.gates, gates)
     _write_confusion(test.y, y_pred, classes, metrics["confusion_matrix"], params)
     # The run report's error section: the mistakes with their Grad-CAM maps, while the model is loaded.
-    from components.deploy.report import write_explained_errors
+    from components.deploy.errors import write_explained_errors
 
     write_explained_errors(model, test.x, test.y, probabilities, classes, test.paths, params.paths.explained_errors)
     result = EvaluateResult(metrics["accuracy"], metrics["macro_f1"], gates["passed"])

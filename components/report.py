@@ -18,7 +18,8 @@ from components.core.config import Params
 from components.core.errors import PipelineError
 from components.data.dataset import Split, class_names, load_split
 from components.core.graph import stage_names
-from components.deploy.report import ERRORS_FILE, SAMPLES_PER_CLASS, ErrorCase, render, thumbnail
+from components.deploy.errors import ERRORS_FILE
+from components.deploy.report import SAMPLES_PER_CLASS, ErrorCase, render, thumbnail
 
 log = logging.getLogger(__name__)
 

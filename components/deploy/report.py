@@ -1,6 +1,6 @@
 """The run report: one self-contained HTML page a person reads (data, training, transfer, evaluation,
 errors with their Grad-CAM explanations, export and lineage), built from the run's artifacts. The
-misclassified test images and their Grad-CAM maps are written by evaluate (write_explained_errors),
+misclassified test images and their Grad-CAM maps are written by evaluate (components.deploy.errors),
 which has the model loaded, so the report stage itself needs no Keras.
 
 Self-contained: the CSS is inline, plots (matplotlib) and thumbnails are PNG data URIs, there is
@@ -19,16 +19,12 @@ import logging
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import yaml
 
-from components.core.artifacts import atomic_dir
 from components.core.config import Params
-
-if TYPE_CHECKING:
-    import keras
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +32,6 @@ SECTIONS = ("data", "training", "transfer", "evaluation", "errors", "export")
 SAMPLES_PER_CLASS = 8
 MAX_QUARANTINE_THUMBNAILS = 60
 THUMB_SIDE = 64
-ERRORS_FILE = "errors.json"
-MAX_EXPLAINED_ERRORS = 48  # misclassified test images explained and shown, worst first
 EXPORT_START, EXPORT_END = "<!-- export:start -->", "<!-- export:end -->"
 
 CSS = """
@@ -68,42 +62,6 @@ class ErrorCase:
     probability: float  # of the predicted (wrong) class
     image_png: bytes
     overlay_png: bytes
-
-
-# ---------- the error cases, written by evaluate ----------
-
-
-def write_explained_errors(model: keras.Model, images: np.ndarray, labels: np.ndarray, probabilities: np.ndarray,
-                           classes: tuple[str, ...], paths: tuple[str, ...], out_dir: Path,
-                           cap: int = MAX_EXPLAINED_ERRORS) -> int:
-    """The misclassified images, most confident first (up to `cap`), each as the model saw it and with the
-    Grad-CAM map of its predicted class, into `out_dir` (NNN.png, NNN.gradcam.png, errors.json), atomically.
-
-    Written where the predictions are made (evaluate), so no later step loads the model again. Returns
-    the number of misclassified images.
-    """
-    from PIL import Image
-
-    from components.training.gradcam import GradCam, overlay
-
-    predicted = probabilities.argmax(axis=1)
-    wrong = np.flatnonzero(predicted != labels)
-    shown = wrong[np.argsort(-probabilities[wrong, predicted[wrong]], kind="stable")][:cap]
-    cam = GradCam(model)
-    explanation = cam.explain(images[shown], predicted[shown]) if len(shown) else None
-    cases = []
-    with atomic_dir(out_dir) as folder:
-        for number, index in enumerate(shown, start=1):
-            name = f"{number:03d}"
-            pixels = images[index]
-            Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(folder / f"{name}.png")
-            Image.fromarray(overlay(pixels, explanation.heatmaps[number - 1])).save(folder / f"{name}.gradcam.png")
-            cases.append({"path": paths[index], "true": classes[labels[index]], "predicted": classes[predicted[index]],
-                          "probability": round(float(probabilities[index, predicted[index]]), 6),
-                          "image": f"{name}.png", "overlay": f"{name}.gradcam.png"})
-        (folder / ERRORS_FILE).write_text(json.dumps(
-            {"layer": cam.layer, "misclassified": int(len(wrong)), "shown": len(cases), "cases": cases}, indent=2) + "\n")
-    return int(len(wrong))
 
 
 # ---------- small HTML helpers ----------
