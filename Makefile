@@ -13,7 +13,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 .PHONY: run test test-all setup setup-test lock clean-outputs
 
 run: $(VENV)/.run-installed
-	@test -d .git || { echo "make run needs a git checkout (DVC versions outputs against git)"; exit 1; }
+	@test -e .git || { echo "make run needs a git checkout (DVC versions outputs against git)"; exit 1; }
 	$(BIN)/dvc repro
 	$(BIN)/tlpipe summary
 

@@ -143,7 +143,8 @@ def run(params: Params) -> EvaluateResult:
     test = load_split(params.paths.clean, "target", "test")
     if classes != test.classes:
         raise PipelineError(f"the model's classes {classes} differ from the test split's {test.classes}: rerun transfer")
-    y_pred = predict(model, test).argmax(axis=1)
+    probabilities = predict(model, test)
+    y_pred = probabilities.argmax(axis=1)
     metrics = compute_metrics(test.y, y_pred, classes)
     gain = transfer_gain(params, metrics["accuracy"])
     if gain["compared"]:
@@ -161,6 +162,10 @@ def run(params: Params) -> EvaluateResult:
     write_json(params.paths.scores, {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
                                      "gates_passed": gates["passed"]})
     _write_confusion(test.y, y_pred, classes, metrics["confusion_matrix"], params)
+    # The run report's error section: the mistakes with their Grad-CAM maps, while the model is loaded.
+    from components.deploy.errors import write_explained_errors
+
+    write_explained_errors(model, test, probabilities, params.paths.explained_errors)
     result = EvaluateResult(metrics["accuracy"], metrics["macro_f1"], gates["passed"])
     if not gates["passed"]:
         failed = "; ".join(f"{g['name']}: {g['value']:.4f} < {g['threshold']}" for g in gates["gates"] if not g["passed"])

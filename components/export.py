@@ -275,7 +275,7 @@ def run(params: Params) -> ExportResult:
         "variants": variant_reports,
         "bundle": str(paths.bundle),
     }
-    write_bundle(paths.onnx_model, paths.bundle, report, read_json(paths.gates))
+    write_bundle(paths.onnx_model, paths.bundle, report, read_json(paths.gates), report_html=paths.report)
     report["seconds"] = round(time.perf_counter() - started, 2)
     write_json(paths.export_report, report)
     write_json(paths.parity, {"onnx_max_abs_diff": max_abs_diff, "onnx_top1_agreement": top1})  # a DVC metric

@@ -70,9 +70,18 @@ def markdown_table(title: str, rows: list[tuple[str, str]]) -> str:
     return "\n".join([f"# {title}", "", "| | |", "| --- | --- |", *(f"| {k} | {v} |" for k, v in rows)])
 
 
+def report_link(params: Params) -> str:
+    """A link to the run report: the bundle's copy (export facts filled in) when export wrote one."""
+    for page in (params.paths.bundle / "report.html", params.paths.report):
+        if page.is_file():
+            return f"[{page.name}]({page.resolve().as_uri()})"
+    return "n/a"
+
+
 def run_summary(params: Params, ran: list[str]) -> str:
     """Markdown for the run's artifact, from the reports on disk; a missing report reads n/a."""
-    return markdown_table("tlpipe run", [("stages run", " -> ".join(ran)), *model_rows(params)])
+    return markdown_table("tlpipe run", [("stages run", " -> ".join(ran)), *model_rows(params),
+                                         ("run report", report_link(params))])
 
 
 @flow(name="tlpipe")

@@ -225,7 +225,8 @@ def test_the_first_run_trains_the_whole_pipeline_and_promotes_a_first_champion(r
 
     # The end-to-end checks, on what this run's `dvc repro` wrote.
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"ingest", "validate", "clean", "source", "transfer", "finetune", "evaluate", "export"}
+    assert set(lock["stages"]) == {"ingest", "validate", "clean", "source", "transfer", "finetune", "evaluate", "report",
+                                  "export"}
     metrics = json.loads((repo / "reports/metrics.json").read_text())
     assert metrics["accuracy"] >= END_TO_END["evaluate.min_accuracy"], "the pipeline did not learn the digits"
     assert metrics["macro_f1"] >= END_TO_END["evaluate.min_macro_f1"]
@@ -236,6 +237,7 @@ def test_the_first_run_trains_the_whole_pipeline_and_promotes_a_first_champion(r
         "min_accuracy": END_TO_END["evaluate.min_accuracy"], "min_macro_f1": END_TO_END["evaluate.min_macro_f1"]
     }
     assert json.loads((repo / "reports/export.json").read_text())["max_abs_diff"] <= 1e-4
+    assert (repo / "reports/report.html").is_file() and (repo / "models/bundle/report.html").is_file()
     assert json.loads((repo / "reports/quarantine.json").read_text())["reconciled"] is True
 
     # The first champion, promoted on absolute gates only, with its lineage and version tag.
@@ -331,7 +333,7 @@ def test_dvc_repro_after_the_run_reruns_nothing_and_a_gate_change_reruns_only_ev
 
     set_params(repo, {"evaluate.min_accuracy": END_TO_END["evaluate.min_accuracy"] - 0.01})
     changed = _run(["dvc", "repro"], repo).stdout
-    assert _ran(changed) - {"ingest"} <= {"evaluate", "export"}
+    assert _ran(changed) - {"ingest"} <= {"evaluate", "report", "export"}
     assert "evaluate" in _ran(changed)
 
 

@@ -1,4 +1,4 @@
-"""The `tlpipe` command: run one stage, the whole Prefect flow, a prediction, or print a summary."""
+"""The `tlpipe` command: run one stage, the whole Prefect flow, a prediction or its explanation, or print a summary."""
 
 from __future__ import annotations
 
@@ -45,6 +45,13 @@ def _predict(args: argparse.Namespace) -> None:
         print(json.dumps({"model": str(args.model), "predictions": answers}, indent=2))
     else:
         print("\n".join(map(as_line, answers)))
+
+
+def _explain(args: argparse.Namespace) -> None:
+    from components.deploy.explain import explain_files
+
+    for row in explain_files(args.model, args.images, args.out, layer=args.layer):
+        print(f"{row['image']}\t{row['predicted']}\t{row['probability']:.4f}\t{args.out / row['overlay']}")
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -124,6 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--json", action="store_true",
                          help='one JSON document: {"model", "predictions": [{"image", "top_k": [{"label", "probability"}]}]}')
     predict.set_defaults(handler=_predict)
+
+    explain = commands.add_parser("explain", help="Grad-CAM overlays of a Keras model's answers, beside a JSON of them")
+    explain.add_argument("model", type=Path, help="a .keras file or a model folder (models/finetuned: the ONNX model's twin)")
+    explain.add_argument("images", type=Path, nargs="+", help="image files")
+    explain.add_argument("--out", type=Path, default=Path("explanations"), help="output folder (default: explanations)")
+    explain.add_argument("--layer", help="the layer to explain, by path (backbone.block3_relu2); default: the last spatial map")
+    explain.set_defaults(handler=_explain)
 
     served = commands.add_parser("serve", help="serve an exported ONNX model over HTTP (POST /predict)")
     served.add_argument("model", type=Path, help="the .onnx file (models/model.onnx)")

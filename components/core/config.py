@@ -237,6 +237,8 @@ class Paths(_Section):
     dvc_lock: Path
     effective_params: Path
     warnings: Path
+    explained_errors: Path
+    report: Path
 
 
 class Params(_Section):

@@ -1,6 +1,7 @@
 """The deployment bundle: one folder a user copies to a server, written by the export stage.
 
     <bundle>/model.onnx, labels.txt, MODEL_CARD.md      for `tlpipe serve` or any onnxruntime
+    <bundle>/report.html                                the run report, its export section filled in
     <bundle>/triton/<name>/config.pbtxt, labels.txt     a Triton Inference Server model repository
     <bundle>/triton/<name>/1/model.onnx                 (`tritonserver --model-repository <bundle>/triton`)
 
@@ -138,9 +139,13 @@ kind of image.
 
 
 def write_bundle(
-    model_path: Path, out_dir: Path, export_report: dict[str, Any], gates: dict[str, Any], name: str = TRITON_NAME
+    model_path: Path, out_dir: Path, export_report: dict[str, Any], gates: dict[str, Any], name: str = TRITON_NAME,
+    report_html: Path | None = None,
 ) -> Path:
-    """Write the bundle folder atomically (a killed run leaves the previous bundle whole)."""
+    """Write the bundle folder atomically (a killed run leaves the previous bundle whole).
+
+    report_html: the run report (the report stage's page), copied with this export's facts filled in.
+    """
     data = Path(model_path).read_bytes()
     model = onnx.load_from_string(data)
     meta = {prop.key: prop.value for prop in model.metadata_props}
@@ -152,6 +157,11 @@ def write_bundle(
         (folder / "model.onnx").write_bytes(data)
         (folder / "labels.txt").write_text(labels_txt)
         (folder / "MODEL_CARD.md").write_text(_model_card(meta, sha256, len(data), export_report, gates))
+        if report_html is not None and Path(report_html).is_file():
+            from components.deploy.report import refresh_export
+
+            page = refresh_export(Path(report_html).read_text(encoding="utf-8"), export_report)
+            (folder / "report.html").write_text(page, encoding="utf-8")
         triton = folder / "triton" / name
         (triton / "1").mkdir(parents=True)
         (triton / "1" / "model.onnx").write_bytes(data)
