@@ -334,6 +334,7 @@ def fit(
         # Seeded by phase and starting epoch: the same inputs train the same way (a resumed run is
         # seeded by its own starting epoch, so it is close to, not bit-identical with, an unbroken one).
         keras.utils.set_random_seed(seed + 1000 * (phase != "head") + state["epoch"])
+        feed.epoch = state["epoch"]  # in case a backend reads ahead before the first epoch's callback
         trainer.fit(feed, initial_epoch=state["epoch"], epochs=epochs, verbose=0, callbacks=[after_epoch])
     best, history = after_epoch.best, state["history"]
     model.set_weights(best)
