@@ -134,7 +134,7 @@ def formats(images: int, size: int) -> dict:
             return count
 
         log["formats"] = {
-            "shards": {"bytes": _du(root / "clean"), "files": len(list((root / "clean").rglob("*"))) - 2,
+            "shards": {"bytes": _du(root / "clean"), "files": len(list((root / "clean").rglob("*.npy"))),
                        "images_per_second": timed(read_shards)},
             "tfrecord-png": {"bytes": _du(root / "png.tfrecord"), "files": 1,
                              "images_per_second": timed(read_tfrecord("png"))},

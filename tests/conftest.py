@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -71,7 +72,8 @@ def write_class_folders(
     return root
 
 
-def bar_images(classes: list[str], per_class: int, size: tuple[int, int], mode: str, seed: int):
+def bar_images(classes: list[str], per_class: int, size: tuple[int, int], mode: str,
+               seed: int) -> Iterator[tuple[str, int, Image.Image]]:
     """(class, number, image) of write_class_folders' images, class by class."""
     rng = np.random.default_rng(seed)
     width, height = size

@@ -402,6 +402,7 @@ def fit(
         # Seeded by phase and starting epoch: the same inputs train the same way (a resumed run is
         # seeded by its own starting epoch, so it is close to, not bit-identical with, an unbroken one).
         keras.utils.set_random_seed(seed + 1000 * (phase != "head") + state["epoch"])
+        feed.epoch = state["epoch"]  # in case a backend reads ahead before the first epoch's callback
         # On a terminal, Keras's own bar shows progress within each epoch with its ETA; elsewhere (a log
         # file, CI) only the plain line per epoch, with the phase's ETA, is written.
         trainer.fit(feed, initial_epoch=state["epoch"], epochs=epochs, verbose=int(sys.stdout.isatty()),
