@@ -24,7 +24,8 @@ from components.deploy.predict import OnnxModel
 from components.training.download import sha256_of
 from components.training.gradcam import GradCam, target_layer
 from components.training.models import build_model, save_model_dir
-from tests.conftest import REPO, export_tiny_model, shrunk_params, write_class_folders, write_clean_dataset
+from tests.conftest import (REPO, clean_images, export_tiny_model, shrunk_params, write_class_folders,
+                            write_clean_dataset)
 from tests.test_source import _imagenet_like
 
 SIDE, PATCH = 24, 8  # the patch covers 11% of the image; the top 10% of a map can all fall inside it
@@ -211,7 +212,10 @@ def test_explain_on_a_model_with_a_downloaded_backbone(params: Params, file_serv
     write_clean_dataset(params.paths.clean, "target", ["x", "y"], {"train": 4, "val": 2, "test": 2}, 32, mode="RGB")
     source.run(params)
     transfer.run(params)
-    files = sorted((params.paths.clean / "target" / "test" / "x").glob("*.png"))
+    files = []  # the test images as files, the way a user hands them to `tlpipe explain`
+    for number, (_, pixels) in enumerate(clean_images(params.paths.clean, "target").values()):
+        files.append(params.paths.raw.parent / f"image_{number}.png")
+        Image.fromarray(pixels).save(files[-1])
     out = params.paths.raw.parent / "explained"
 
     assert main(["explain", str(params.paths.transferred_model), *map(str, files), "--out", str(out)]) == 0
