@@ -12,7 +12,8 @@ from prefect.cache_policies import NO_CACHE
 
 from components.core.config import Params, load_params
 from components.core.errors import PipelineError
-from components.core.graph import stage_module, stage_names
+from components.core import graph
+from components.core.graph import stage_names
 
 ARTIFACT_KEY = "tlpipe-run"
 
@@ -30,7 +31,7 @@ def stage_order(stages: list[str] | None = None) -> list[str]:
 # retry only repeats the failure. No Prefect cache either: DVC is the cache.
 @task(retries=0, cache_policy=NO_CACHE)
 def run_stage(name: str, params: Params) -> Any:
-    return stage_module(name).run(params)
+    return graph.run_stage(name, params)
 
 
 def read_report(path: Path) -> dict[str, Any]:

@@ -25,11 +25,9 @@ def _quiet_libraries() -> None:
 
 def _stage(args: argparse.Namespace) -> None:
     from components.core.config import load_params
-    from components.core.graph import stage_module
+    from components.core.graph import run_stage
 
-    params = load_params(args.params)
-    module = stage_module(args.name)
-    result = module.run(params)
+    result = run_stage(args.name, load_params(args.params))
     log.info("%s: done%s", args.name, f" ({result})" if result is not None else "")
 
 

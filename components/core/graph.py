@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import importlib
+import re
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from components.core.artifacts import ForeignOutputError, owned
 from components.core.errors import PipelineError
+
+if TYPE_CHECKING:
+    from components.core.config import Params
 
 DVC_YAML = Path("dvc.yaml")
 
@@ -27,3 +33,33 @@ def stage_module(name: str, dvc_yaml: Path = DVC_YAML) -> ModuleType:
     if name not in names:
         raise PipelineError(f"unknown stage '{name}': the stages are {', '.join(names)}")
     return importlib.import_module(f"components.{name}")
+
+
+def run_stage(name: str, params: "Params") -> Any:
+    """Run stage `name` (what the CLI and the Prefect flow call); a refused output names its paths.* key."""
+    module = stage_module(name)
+    try:
+        return module.run(params)
+    except ForeignOutputError as error:
+        keys = [key for key, path in params.paths.model_dump().items() if Path(path) == error.path]
+        if error.key or not keys:
+            raise
+        raise ForeignOutputError(error.path, keys[0]) from None
+
+
+def check_outputs(params: "Params", dvc_yaml: Path = DVC_YAML) -> None:
+    """Refuse, naming the key, when any stage's declared output folder holds files tlpipe did not write.
+
+    The first stage calls this for the whole graph: `dvc repro` deletes a stage's outputs before
+    running it, so a user's folder at paths.clean would be gone before clean itself could refuse.
+    """
+    if not Path(dvc_yaml).is_file():
+        return  # a library call outside a pipeline repository: atomic_dir still refuses, per output
+    stages = (yaml.safe_load(Path(dvc_yaml).read_text()) or {}).get("stages") or {}
+    paths = params.paths.model_dump()
+    for stage in stages.values():
+        for out in (stage or {}).get("outs") or []:
+            name = next(iter(out)) if isinstance(out, dict) else out
+            key = re.fullmatch(r"\$\{paths\.(\w+)\}", str(name))
+            if key and key[1] in paths and Path(paths[key[1]]).is_dir() and not owned(paths[key[1]]):
+                raise ForeignOutputError(paths[key[1]], key[1])
