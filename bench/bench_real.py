@@ -1,7 +1,7 @@
 """Real-sized data: the whole `dvc repro` and each stage on photo crops at 2k, 10k and 40k images.
 
     .venv/bin/python bench/bench_real.py [--sizes 2000 10000 40000] [--image-size 96] [--epochs 1]
-        [--plain-at 10000] [--dir /tmp/tlpipe-real] [--ref COMMIT] [--pycache DIR]
+        [--plain-at 10000] [--cache-types-at 40000] [--dir /tmp/tlpipe-real] [--ref COMMIT] [--pycache DIR]
 
 Per size: bench/photos.py writes the images (160 px RGB crops of ten shipped photographs, 60 %
 source task, 40 % target task; made once and kept in --dir), a fresh git + DVC repository gets
@@ -17,6 +17,8 @@ no transfer-vs-scratch baseline, no int8/optimized variants), and then:
 - floors: decode + resize of 2,000 of the same files in a tight loop (as many processes as clean
   uses), against clean's images/s; `model.fit` of the pipeline's own model on an in-memory uint8
   array of the target training split's size and batch, against the fine-tune stage's images/s.
+- at --cache-types-at sizes, `dvc repro ingest` in fresh repositories under each DVC cache link
+  type (reflink,copy: DVC's default; hardlink; symlink): time, and data/raw + cache on disk.
 - at --plain-at images, `bench/plain_keras.py --folders` (the same training on the same images, a
   hand-written script) beside the whole `dvc repro`.
 
@@ -154,12 +156,36 @@ def measure(size: int, args: argparse.Namespace) -> dict:
         "fit_floor": fit_floor(repo, finetune["train_images"], finetune["val_images"], classes),
         "load": [first.load, rest.load, noop.load],
     }
+    if size in args.cache_types_at:
+        result["ingest_cache_types"] = ingest_cache_types(size, args)
     if size == args.plain_at:
         plain = harness.timed([sys.executable, str(BENCH / "plain_keras.py"), "--params", "params.yaml",
                                "--folders", str(photos), "--json"], repo)
         result["plain_keras"] = {"seconds": round(plain.seconds, 2), "peak_rss_mib": round(plain.peak_rss_mib, 1),
                                  **json.loads(plain.stdout.strip().splitlines()[-1])}
     return result
+
+
+def disk_mib(path: Path) -> float:
+    """Space used under `path`, a file hard-linked twice counted once (du)."""
+    done = subprocess.run(["du", "-sk", str(path)], capture_output=True, text=True, check=True)
+    return round(int(done.stdout.split()[0]) / 1024, 1)
+
+
+def ingest_cache_types(size: int, args: argparse.Namespace) -> list[dict]:
+    """`dvc repro ingest` under DVC's cache link types: time, DVC's share, and the disk it takes."""
+    photos = args.dir / f"photos-{size}"
+    rows = []
+    for cache_type in ("reflink,copy", "hardlink", "symlink"):
+        repo = harness.make_repo(args.dir / f"ingest-{size}", overrides(photos, args.image_size, args.epochs), args.ref)
+        subprocess.run(["dvc", "config", "cache.type", cache_type], cwd=repo, env=harness.env(), check=True)
+        run = harness.timed(["dvc", "repro", "ingest"], repo, metered(repo, "ingest"))
+        own = read_meter(repo, "ingest")[0]["seconds"]
+        rows.append({"images": size, "cache_type": cache_type, "seconds": round(run.seconds, 2),
+                     "ingest_seconds": own, "dvc_seconds": round(run.seconds - own, 2),
+                     "input_mib": disk_mib(photos), "raw_and_cache_mib": disk_mib(repo),
+                     "load": run.load})
+    return rows
 
 
 def markdown(results: list[dict], args: argparse.Namespace) -> str:
@@ -173,14 +199,15 @@ def markdown(results: list[dict], args: argparse.Namespace) -> str:
             s = r["stages"].get(name)
             if s:
                 rows.append([n, name, s["seconds"], round(1000 * s["seconds"] / n, 2), s["peak_rss_mib"],
-                             s["children_peak_rss_mib"], s["cpu_seconds"]])
+                             s["children_peak_rss_mib"], s["cpu_seconds"], round(1000 * s["cpu_seconds"] / n, 2)])
         rows.append([n, "**whole dvc repro**", r["whole_seconds"], round(1000 * r["whole_seconds"] / n, 2),
-                     r["whole_peak_rss_mib"], "", ""])
-        rows.append([n, "DVC's own (whole - stages)", r["dvc_seconds"], round(1000 * r["dvc_seconds"] / n, 2), "", "", ""])
+                     r["whole_peak_rss_mib"], "", "", ""])
+        rows.append([n, "DVC's own (whole - stages)", r["dvc_seconds"], round(1000 * r["dvc_seconds"] / n, 2), "", "",
+                     "", ""])
         rows.append([n, "no-op dvc repro (ingest's check of the folders inside)", r["noop_seconds"],
-                     f"ingest {r['noop_ingest_seconds']:.2f} s", "", "", ""])
+                     f"ingest {r['noop_ingest_seconds']:.2f} s", "", "", "", ""])
     out += ["#### Stages", "", harness.table(["images", "stage", "seconds", "ms/image", "peak RSS MiB",
-                                               "workers' peak MiB", "CPU s"], rows), ""]
+                                               "workers' peak MiB", "CPU s", "CPU ms/image"], rows), ""]
     rows = [[r["images"], round(r["input_bytes_files"][0] / 2**20, 1), r["raw_bytes_files"][1],
              round(r["raw_bytes_files"][0] / 2**20, 1), r["stages"]["ingest"]["seconds"], r["dvc_ingest_seconds"],
              r["clean_bytes_files"][1], round(r["clean_bytes_files"][0] / 2**20, 1)] for r in results]
@@ -209,6 +236,13 @@ def markdown(results: list[dict], args: argparse.Namespace) -> str:
                                   [["dvc repro (every stage)", r["whole_seconds"], r["whole_peak_rss_mib"], r["accuracy"]],
                                    ["plain_keras.py --folders", p["seconds"], p["peak_rss_mib"], p["test_accuracy"]],
                                    ["ratio", round(r["whole_seconds"] / p["seconds"], 2), "", ""]]), ""]
+    ingest = [row for r in results for row in r.get("ingest_cache_types", [])]
+    if ingest:
+        out += ["#### Ingest under DVC's cache link types (`dvc config cache.type`)", "", harness.table(
+            ["images", "cache.type", "dvc repro ingest s", "ingest's copy s", "DVC's hashing and caching s",
+             "your folders MiB", "data/raw + .dvc/cache MiB on disk"],
+            [[r["images"], r["cache_type"], r["seconds"], r["ingest_seconds"], r["dvc_seconds"], r["input_mib"],
+              r["raw_and_cache_mib"]] for r in ingest]), ""]
     out.append(f"Load (1-min average) during the runs: {harness.load_text([l for r in results for l in r['load']])}.")
     return "\n".join(out)
 
@@ -219,6 +253,8 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=96)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--plain-at", type=int, default=10000)
+    parser.add_argument("--cache-types-at", type=int, nargs="*", default=[40000],
+                        help="sizes at which ingest also runs under each DVC cache link type")
     parser.add_argument("--dir", type=Path, default=Path("/tmp/tlpipe-real"))
     harness.add_common_arguments(parser, runs=False)
     args = parser.parse_args()

@@ -12,13 +12,14 @@ import sys
 import time
 
 _STARTED = time.perf_counter()
+_PID = os.getpid()  # a forked worker inherits both hooks; only the stage's own process records
 _DONE = False
 
 
 def _record(code: int = 0) -> None:
     global _DONE
     path = os.environ.get("TLPIPE_STAGE_METER")
-    if _DONE or not path or sys.argv[1:2] != ["stage"] or len(sys.argv) < 3:
+    if _DONE or os.getpid() != _PID or not path or sys.argv[1:2] != ["stage"] or len(sys.argv) < 3:
         return
     _DONE = True
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
