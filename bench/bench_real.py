@@ -124,20 +124,22 @@ def measure(size: int, args: argparse.Namespace) -> dict:
         write_photo_folders(photos, size)
         (photos / ".complete").touch()
     repo = harness.make_repo(args.dir / f"repo-{size}", overrides(photos, args.image_size, args.epochs), args.ref)
+    data_only = size in args.data_only_at
+    target = ["clean"] if data_only else []  # ingest, validate and clean only: the stages that read every file
     first = harness.timed(["dvc", "repro", "ingest"], repo, metered(repo, "run"))
-    rest = harness.timed(["dvc", "repro"], repo, metered(repo, "run"))
-    noop = harness.timed(["dvc", "repro"], repo, metered(repo, "noop"))
+    rest = harness.timed(["dvc", "repro", *target], repo, metered(repo, "run"))
+    noop = harness.timed(["dvc", "repro", *target], repo, metered(repo, "noop"))
     runs = read_meter(repo, "run")
     stages = {}
     for run in runs:  # the first ingest (the copy), not the second `dvc repro`'s check of unchanged inputs
         stages.setdefault(run["stage"], run)
     whole = first.seconds + rest.seconds
-    reports = {name: json.loads((repo / "reports" / f"{name}.json").read_text())
-               for name in ("finetune", "metrics", "quarantine")}
-    finetune = reports["finetune"]
-    classes = len(reports["metrics"].get("per_class", {})) or 5
+    reports = {name: json.loads(path.read_text()) for name in ("finetune", "metrics", "quarantine")
+               if (path := repo / "reports" / f"{name}.json").is_file()}
+    finetune, metrics = reports.get("finetune", {}), reports.get("metrics", {})
     result = {
         "images": size,
+        "data_only": data_only,
         "whole_seconds": round(whole, 2),
         "whole_peak_rss_mib": round(max(first.peak_rss_mib, rest.peak_rss_mib), 1),
         "stages": stages,
@@ -148,14 +150,16 @@ def measure(size: int, args: argparse.Namespace) -> dict:
         "raw_bytes_files": tree(repo / "data" / "raw"),
         "clean_bytes_files": tree(repo / "data" / "clean"),
         "input_bytes_files": tree(photos),
-        "accuracy": reports["metrics"].get("accuracy"),
+        "accuracy": metrics.get("accuracy"),
         "quarantined": len(reports["quarantine"].get("quarantined", [])),
         "finetune": {"train_images": finetune.get("train_images"), "val_images": finetune.get("val_images"),
                      "phases": {k: v.get("images_per_second") for k, v in finetune.get("phases", {}).items()}},
         "decode_floor_images_per_second": round(decode_floor(photos, args.image_size, os.cpu_count() or 1), 1),
-        "fit_floor": fit_floor(repo, finetune["train_images"], finetune["val_images"], classes),
         "load": [first.load, rest.load, noop.load],
     }
+    if finetune:
+        classes = len(metrics.get("per_class", {})) or 5
+        result["fit_floor"] = fit_floor(repo, finetune["train_images"], finetune["val_images"], classes)
     if size in args.cache_types_at:
         result["ingest_cache_types"] = ingest_cache_types(size, args)
     if size == args.plain_at:
@@ -200,7 +204,7 @@ def markdown(results: list[dict], args: argparse.Namespace) -> str:
             if s:
                 rows.append([n, name, s["seconds"], round(1000 * s["seconds"] / n, 2), s["peak_rss_mib"],
                              s["children_peak_rss_mib"], s["cpu_seconds"], round(1000 * s["cpu_seconds"] / n, 2)])
-        rows.append([n, "**whole dvc repro**", r["whole_seconds"], round(1000 * r["whole_seconds"] / n, 2),
+        rows.append([n, "**whole dvc repro**" + (" (ingest, validate, clean)" if r["data_only"] else ""), r["whole_seconds"], round(1000 * r["whole_seconds"] / n, 2),
                      r["whole_peak_rss_mib"], "", "", ""])
         rows.append([n, "DVC's own (whole - stages)", r["dvc_seconds"], round(1000 * r["dvc_seconds"] / n, 2), "", "",
                      "", ""])
@@ -218,12 +222,12 @@ def markdown(results: list[dict], args: argparse.Namespace) -> str:
     for r in results:
         clean = r["images"] / r["stages"]["clean"]["seconds"]
         phases = r["finetune"]["phases"]
-        best = max(phases.values()) if phases else 0
+        fit = r.get("fit_floor", {}).get("images_per_second")
         rows.append([r["images"], round(clean, 1), r["decode_floor_images_per_second"],
-                     round(clean / r["decode_floor_images_per_second"], 2), phases.get("head"), phases.get("unfrozen"),
-                     round(r["fit_floor"]["images_per_second"], 1),
-                     round((phases.get("unfrozen") or best) / r["fit_floor"]["images_per_second"], 2),
-                     r["accuracy"], r["quarantined"]])
+                     round(clean / r["decode_floor_images_per_second"], 2), phases.get("head", "-"),
+                     phases.get("unfrozen", "-"), round(fit, 1) if fit else "-",
+                     round(phases["unfrozen"] / fit, 2) if fit and phases.get("unfrozen") else "-",
+                     r["accuracy"] if r["accuracy"] is not None else "-", r["quarantined"]])
     out += ["#### Throughput against its floors", "", harness.table(
         ["images", "clean img/s", "decode+resize floor img/s", "ratio", "finetune head img/s",
          "finetune unfrozen img/s", "in-memory model.fit img/s", "ratio (unfrozen)", "test accuracy",
@@ -253,6 +257,8 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=96)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--plain-at", type=int, default=10000)
+    parser.add_argument("--data-only-at", type=int, nargs="*", default=[],
+                        help="sizes at which only ingest, validate and clean run (`dvc repro clean`)")
     parser.add_argument("--cache-types-at", type=int, nargs="*", default=[40000],
                         help="sizes at which ingest also runs under each DVC cache link type")
     parser.add_argument("--dir", type=Path, default=Path("/tmp/tlpipe-real"))
