@@ -192,9 +192,54 @@ def ingest_cache_types(size: int, args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def targets(results: list[dict]) -> str:
+    """Issue 12's targets, each with its measured value beside it (largest size against the smallest)."""
+    by_size = {r["images"]: r for r in results}
+    small, large = by_size[min(by_size)], by_size[max(by_size)]
+    span = f"{large['images']} vs {small['images']}"
+    rows = []
+
+    def verdict(value: float | None, bound: float, below: bool = True) -> str:
+        if value is None:
+            return "not measured"
+        return "met" if (value <= bound if below else value >= bound) else "NOT met"
+
+    for name in harness.stage_names():
+        a, b = small["stages"].get(name), large["stages"].get(name)
+        if not (a and b) or large is small:
+            rows.append([f"peak RSS of {name}, {span}", "<= 1.3x", "not measured", "not measured"])
+            continue
+        ratio = b["peak_rss_mib"] / a["peak_rss_mib"]
+        rows.append([f"peak RSS of {name}, {span}", "<= 1.3x",
+                     f"{ratio:.2f}x ({a['peak_rss_mib']:.0f} -> {b['peak_rss_mib']:.0f} MiB)", verdict(ratio, 1.3)])
+        per = (b["seconds"] / large["images"]) / (a["seconds"] / small["images"])
+        cpu = (b["cpu_seconds"] / large["images"]) / (a["cpu_seconds"] / small["images"])
+        rows.append([f"time per image of {name}, {span}", "<= 1.2x", f"{per:.2f}x wall, {cpu:.2f}x CPU",
+                     verdict(cpu, 1.2) + " (CPU)"])
+    fits = [(r["images"], r["finetune"]["phases"].get("unfrozen"), r.get("fit_floor", {}).get("images_per_second"))
+            for r in results]
+    for n, stage, floor in fits:
+        if stage and floor:
+            rows.append([f"fine-tuning img/s vs in-memory model.fit, {n} images", ">= 0.95x",
+                         f"{stage / floor:.2f}x ({stage:.0f} vs {floor:.0f} img/s)", verdict(stage / floor, 0.95, False)])
+    for r in results:
+        rows.append([f"no-op dvc repro, {r['images']} images", "<= 5 s (at 40k)", f"{r['noop_seconds']:.2f} s",
+                     verdict(r["noop_seconds"], 5.0) if r["images"] >= 40000 else "(size below 40k)"])
+    for r in results:
+        if "plain_keras" in r:
+            ratio = r["whole_seconds"] / r["plain_keras"]["seconds"]
+            rows.append([f"whole dvc repro vs plain_keras.py, {r['images']} images", "<= 1.15x",
+                         f"{ratio:.2f}x ({r['whole_seconds']:.0f} vs {r['plain_keras']['seconds']:.0f} s)",
+                         verdict(ratio, 1.15)])
+            rows.append([f"test accuracy, pipeline vs plain_keras.py, {r['images']} images", "unchanged",
+                         f"{r['accuracy']} vs {r['plain_keras']['test_accuracy']}", "(1 epoch per phase)"])
+    return harness.table(["target (issue 12)", "bound", "measured", "verdict"], rows)
+
+
 def markdown(results: list[dict], args: argparse.Namespace) -> str:
     out = [harness.header(f"Real-sized data: {', '.join(str(r['images']) for r in results)} photo crops, "
                           f"{args.image_size} px in the model, {args.epochs} epoch(s) per phase")]
+    out += ["#### Targets", "", targets(results), ""]
     names = harness.stage_names()
     rows = []
     for r in results:
@@ -263,13 +308,18 @@ def main() -> None:
                         help="sizes at which ingest also runs under each DVC cache link type")
     parser.add_argument("--dir", type=Path, default=Path("/tmp/tlpipe-real"))
     harness.add_common_arguments(parser, runs=False)
+    parser.add_argument("--report", type=Path, nargs="*",
+                        help="print the markdown of earlier runs' results.json files instead of running")
     args = parser.parse_args()
+    if args.report:
+        print(markdown([r for path in args.report for r in json.loads(path.read_text())], args))
+        return
     harness.cache_bytecode(args.pycache)
     args.dir.mkdir(parents=True, exist_ok=True)
     results = []
     for size in args.sizes:
         results.append(measure(size, args))
-        (args.dir / "results.json").write_text(json.dumps(results, indent=1, default=list))
+        (args.dir / f"results-{'-'.join(map(str, args.sizes))}.json").write_text(json.dumps(results, indent=1, default=list))
         print(f"{size} images done: whole {results[-1]['whole_seconds']} s", file=sys.stderr, flush=True)
     print(markdown(results, args))
 
