@@ -17,7 +17,7 @@ no transfer-vs-scratch baseline, no int8/optimized variants), and then:
 - floors: decode + resize of 2,000 of the same files in a tight loop (as many processes as clean
   uses), against clean's images/s; `model.fit` of the pipeline's own model on an in-memory uint8
   array of the target training split's size and batch, against the fine-tune stage's images/s.
-- at --cache-types-at sizes, `dvc repro ingest` in fresh repositories under each DVC cache link
+- at --cache-types-at sizes (at every size with --ingest-only, and nothing else), `dvc repro ingest` in fresh repositories under each DVC cache link
   type (reflink,copy: DVC's default; hardlink; symlink): time, and data/raw + cache on disk.
 - at --plain-at images, `bench/plain_keras.py --folders` (the same training on the same images, a
   hand-written script) beside the whole `dvc repro`.
@@ -236,6 +236,17 @@ def targets(results: list[dict]) -> str:
     return harness.table(["target (issue 12)", "bound", "measured", "verdict"], rows)
 
 
+def ingest_table(results: list[dict]) -> str:
+    ingest = [row for r in results for row in r.get("ingest_cache_types", [])]
+    if not ingest:
+        return ""
+    return "\n".join(["#### Ingest under DVC's cache link types (`dvc config cache.type`)", "", harness.table(
+        ["images", "cache.type", "dvc repro ingest s", "ingest's copy s", "DVC's hashing and caching s",
+         "your folders MiB", "data/raw + .dvc/cache MiB on disk"],
+        [[r["images"], r["cache_type"], r["seconds"], r["ingest_seconds"], r["dvc_seconds"], r["input_mib"],
+          r["raw_and_cache_mib"]] for r in ingest]), ""])
+
+
 def markdown(results: list[dict], args: argparse.Namespace) -> str:
     out = [harness.header(f"Real-sized data: {', '.join(str(r['images']) for r in results)} photo crops, "
                           f"{args.image_size} px in the model, {args.epochs} epoch(s) per phase")]
@@ -285,13 +296,7 @@ def markdown(results: list[dict], args: argparse.Namespace) -> str:
                                   [["dvc repro (every stage)", r["whole_seconds"], r["whole_peak_rss_mib"], r["accuracy"]],
                                    ["plain_keras.py --folders", p["seconds"], p["peak_rss_mib"], p["test_accuracy"]],
                                    ["ratio", round(r["whole_seconds"] / p["seconds"], 2), "", ""]]), ""]
-    ingest = [row for r in results for row in r.get("ingest_cache_types", [])]
-    if ingest:
-        out += ["#### Ingest under DVC's cache link types (`dvc config cache.type`)", "", harness.table(
-            ["images", "cache.type", "dvc repro ingest s", "ingest's copy s", "DVC's hashing and caching s",
-             "your folders MiB", "data/raw + .dvc/cache MiB on disk"],
-            [[r["images"], r["cache_type"], r["seconds"], r["ingest_seconds"], r["dvc_seconds"], r["input_mib"],
-              r["raw_and_cache_mib"]] for r in ingest]), ""]
+    out.append(ingest_table(results))
     out.append(f"Load (1-min average) during the runs: {harness.load_text([l for r in results for l in r['load']])}.")
     return "\n".join(out)
 
@@ -302,6 +307,8 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=96)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--plain-at", type=int, default=10000)
+    parser.add_argument("--ingest-only", action="store_true",
+                        help="only `dvc repro ingest` under each DVC cache link type, at every size")
     parser.add_argument("--data-only-at", type=int, nargs="*", default=[],
                         help="sizes at which only ingest, validate and clean run (`dvc repro clean`)")
     parser.add_argument("--cache-types-at", type=int, nargs="*", default=[40000],
@@ -317,6 +324,17 @@ def main() -> None:
     harness.cache_bytecode(args.pycache)
     args.dir.mkdir(parents=True, exist_ok=True)
     results = []
+    if args.ingest_only:
+        for size in args.sizes:
+            if not (args.dir / f"photos-{size}" / ".complete").is_file():
+                from photos import write_photo_folders
+
+                write_photo_folders(args.dir / f"photos-{size}", size)
+                (args.dir / f"photos-{size}" / ".complete").touch()
+            results.append({"images": size, "ingest_cache_types": ingest_cache_types(size, args)})
+            (args.dir / f"results-ingest-{'-'.join(map(str, args.sizes))}.json").write_text(json.dumps(results, indent=1))
+        print(harness.header("Ingest at real size") + "\n" + ingest_table(results))
+        return
     for size in args.sizes:
         results.append(measure(size, args))
         (args.dir / f"results-{'-'.join(map(str, args.sizes))}.json").write_text(json.dumps(results, indent=1, default=list))
