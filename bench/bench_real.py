@@ -247,7 +247,8 @@ def ingest_table(results: list[dict]) -> str:
           r["raw_and_cache_mib"]] for r in ingest]), ""])
 
 
-def markdown(results: list[dict], args: argparse.Namespace) -> str:
+def markdown(everything: list[dict], args: argparse.Namespace) -> str:
+    results = [r for r in everything if "stages" in r]
     out = [harness.header(f"Real-sized data: {', '.join(str(r['images']) for r in results)} photo crops, "
                           f"{args.image_size} px in the model, {args.epochs} epoch(s) per phase")]
     out += ["#### Targets", "", targets(results), ""]
@@ -296,7 +297,7 @@ def markdown(results: list[dict], args: argparse.Namespace) -> str:
                                   [["dvc repro (every stage)", r["whole_seconds"], r["whole_peak_rss_mib"], r["accuracy"]],
                                    ["plain_keras.py --folders", p["seconds"], p["peak_rss_mib"], p["test_accuracy"]],
                                    ["ratio", round(r["whole_seconds"] / p["seconds"], 2), "", ""]]), ""]
-    out.append(ingest_table(results))
+    out.append(ingest_table(everything))
     out.append(f"Load (1-min average) during the runs: {harness.load_text([l for r in results for l in r['load']])}.")
     return "\n".join(out)
 
