@@ -18,7 +18,7 @@ no transfer-vs-scratch baseline, no int8/optimized variants), and then:
   uses), against clean's images/s; `model.fit` of the pipeline's own model on an in-memory uint8
   array of the target training split's size and batch, against the fine-tune stage's images/s.
 - at --cache-types-at sizes (at every size with --ingest-only, and nothing else), `dvc repro ingest` in fresh repositories under each DVC cache link
-  type (reflink,copy: DVC's default; hardlink; symlink): time, and data/raw + cache on disk.
+  type (--cache-types; reflink,copy is DVC's default): time, and data/raw + cache on disk.
 - at --plain-at images, `bench/plain_keras.py --folders` (the same training on the same images, a
   hand-written script) beside the whole `dvc repro`.
 
@@ -180,7 +180,7 @@ def ingest_cache_types(size: int, args: argparse.Namespace) -> list[dict]:
     """`dvc repro ingest` under DVC's cache link types: time, DVC's share, and the disk it takes."""
     photos = args.dir / f"photos-{size}"
     rows = []
-    for cache_type in ("reflink,copy", "hardlink", "symlink"):
+    for cache_type in args.cache_types:
         repo = harness.make_repo(args.dir / f"ingest-{size}", overrides(photos, args.image_size, args.epochs), args.ref)
         subprocess.run(["dvc", "config", "cache.type", cache_type], cwd=repo, env=harness.env(), check=True)
         run = harness.timed(["dvc", "repro", "ingest"], repo, metered(repo, "ingest"))
@@ -314,6 +314,8 @@ def main() -> None:
                         help="sizes at which only ingest, validate and clean run (`dvc repro clean`)")
     parser.add_argument("--cache-types-at", type=int, nargs="*", default=[40000],
                         help="sizes at which ingest also runs under each DVC cache link type")
+    parser.add_argument("--cache-types", nargs="+", default=["reflink,copy", "hardlink"],
+                        help="DVC cache.type values to compare ingest under (reflink,copy is DVC's default)")
     parser.add_argument("--dir", type=Path, default=Path("/tmp/tlpipe-real"))
     harness.add_common_arguments(parser, runs=False)
     parser.add_argument("--report", type=Path, nargs="*",
