@@ -96,20 +96,21 @@ def image_folders(cfg: dict, seed: int, root: Path) -> dict[str, dict[str, tuple
 
 
 def clean_folders(root: Path) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
-    """The same arrays read from a tlpipe data/clean folder (<task>/<split>/<class>/*.png)."""
-    from PIL import Image
+    """The same arrays read from a tlpipe data/clean folder (<task>/<split>/: uint8 .npy shards in the
+    order split.json lists them, one label per row in index.csv; docs/data-format.md)."""
+    import csv
 
     tasks = {}
     for task in ("source", "target"):
         classes = json.loads((root / task / "classes.json").read_text())
         tasks[task] = {}
         for split in ("train", "val", "test"):
-            xs, ys = [], []
-            for label, name in enumerate(classes):
-                for file in sorted((root / task / split / name).glob("*.png")):
-                    xs.append(np.asarray(Image.open(file), dtype=np.uint8)[..., None])
-                    ys.append(label)
-            tasks[task][split] = (np.stack(xs), np.asarray(ys))
+            folder = root / task / split
+            meta = json.loads((folder / "split.json").read_text())
+            x = np.concatenate([np.load(folder / shard["file"]) for shard in meta["shards"]])
+            with open(folder / "index.csv", newline="") as handle:
+                y = np.asarray([classes.index(row["label"]) for row in csv.DictReader(handle)])
+            tasks[task][split] = (x, y)
     return tasks
 
 

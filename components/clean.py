@@ -2,21 +2,30 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import functools
+import hashlib
+import io
 import json
 import logging
+import multiprocessing
 import re
 from collections import Counter, defaultdict
+from collections.abc import Iterator
+from multiprocessing.pool import Pool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from components.core.artifacts import atomic_dir, write_json, write_text
 from components.core.config import Params
 from components.core.errors import PipelineError
 from components.ingest import assigned_splits
-from components.data.images import (MANIFEST_COLUMNS, TASKS, Job, class_folders, list_class_images, normalize_files,
-                               workers_for)
+from components.data.dataset import SplitWriter
+from components.data.images import MANIFEST_COLUMNS, TASKS, class_folders, list_class_images, load_normalized, workers_for
 
 log = logging.getLogger(__name__)
 
@@ -336,39 +345,66 @@ def _summary_markdown(plans: dict[str, _Task], counts: dict[str, dict[str, Any]]
     return "\n".join(lines) + "\n"
 
 
-def _output_names(rows: list[dict[str, str]]) -> dict[str, str]:
-    """A PNG file name per kept file, unique within its class even when only the suffix or subfolder differs."""
-    def within_class(row: dict[str, str]) -> Path:
-        return Path(row["path"]).relative_to(f"{row['task']}/{row['label']}")
+def _pixels(job: tuple[Path, str], size: int, pil_mode: str) -> np.ndarray | None:
+    """One normalized image as uint8 (H, W, C); None if the source's bytes no longer match its hash."""
+    source, sha256 = job
+    data = Path(source).read_bytes()
+    if hashlib.sha256(data).hexdigest() != sha256:
+        return None
+    pixels = np.asarray(load_normalized(io.BytesIO(data), size, pil_mode), dtype=np.uint8)
+    return pixels[..., None] if pixels.ndim == 2 else pixels
 
-    names = {r["path"]: within_class(r).with_suffix("").as_posix().replace("/", "__") for r in rows}
-    taken: dict[tuple[str, str], int] = defaultdict(int)
-    for row in rows:
-        taken[(row["label"], names[row["path"]])] += 1
-    for row in rows:
-        if taken[(row["label"], names[row["path"]])] > 1:
-            names[row["path"]] = within_class(row).as_posix().replace("/", "__").replace(".", "_")
-    return {path: f"{name}.png" for path, name in names.items()}
+
+def _normalized(jobs: list[tuple[Path, str]], size: int, pil_mode: str, pool: Pool | None,
+                chunk: int = 32) -> Iterator[np.ndarray | None]:
+    """`_pixels` of each job, in order, decoded in `pool` (None: here) a bounded batch at a time:
+    memory stays flat however many images there are."""
+    work = functools.partial(_pixels, size=size, pil_mode=pil_mode)
+    if pool is None:
+        yield from map(work, jobs)
+        return
+    step = chunk * 16
+    for start in range(0, len(jobs), step):
+        yield from pool.imap(work, jobs[start : start + step], chunksize=chunk)
 
 
 def _write(params: Params, plans: dict[str, _Task], out: Path) -> None:
-    jobs: list[Job] = []
-    for task, plan in plans.items():
-        (out / task).mkdir(parents=True)
-        write_text(out / task / "classes.json", json.dumps(plan.classes) + "\n")
-        names = _output_names([r for rows in plan.splits.values() for r in rows])
-        jobs += [(params.paths.raw / row["path"], row["sha256"], out / task / split / row["label"] / names[row["path"]])
-                 for split, rows in plan.splits.items() for row in rows]
-    workers = workers_for(params.clean.workers, len(jobs))
-    log.info("normalizing %d images in %d process(es)", len(jobs), workers)
-    changed = normalize_files(jobs, params.data.image_size, params.data.pil_mode, workers)
+    """Each split as uint8 shards plus its index (components.data.dataset), streamed image by image."""
+    size, mode = params.data.image_size, params.data.pil_mode
+    shape = (size, size, 1 if mode == "L" else 3)
+    total = sum(len(rows) for plan in plans.values() for rows in plan.splits.values())
+    workers = workers_for(params.clean.workers, total)
+    log.info("normalizing %d images in %d process(es) into shards", total, workers)
+    # spawn, not fork: forking a process that has loaded TensorFlow or opened threads can deadlock.
+    with multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else contextlib.nullcontext() as pool:
+        changed = _write_splits(params, plans, out, shape, pool)
     if changed:
         raise PipelineError(f"{len(changed)} file(s) changed since the manifest was written, e.g. {changed[0]}; "
                             "rerun `tlpipe stage validate`")
 
 
+def _write_splits(params: Params, plans: dict[str, _Task], out: Path, shape: tuple[int, int, int],
+                  pool: Pool | None) -> list[str]:
+    """Write every split; returns the sources whose bytes changed since the manifest."""
+    size, mode = params.data.image_size, params.data.pil_mode
+    changed: list[str] = []
+    for task, plan in plans.items():
+        (out / task).mkdir(parents=True)
+        write_text(out / task / "classes.json", json.dumps(plan.classes) + "\n")
+        for split, rows in plan.splits.items():
+            rows = sorted(rows, key=lambda r: (r["label"], r["path"]))  # by class: evenly spaced picks see every class
+            jobs = [(params.paths.raw / r["path"], r["sha256"]) for r in rows]
+            with SplitWriter(out / task / split, plan.classes, shape, len(rows)) as writer:
+                for row, pixels in zip(rows, _normalized(jobs, size, mode, pool)):
+                    if pixels is None:
+                        changed.append(row["path"])
+                        pixels = np.zeros(shape, dtype=np.uint8)  # the stage fails after; keep the count whole
+                    writer.add(pixels, row["label"], row["path"], row["sha256"])
+    return changed
+
+
 def run(params: Params) -> CleanResult:
-    """Write paths.clean/<task>/<split>/<class>/*.png, <task>/classes.json and paths.quarantine."""
+    """Write paths.clean/<task>/<split>/ (shards and index), <task>/classes.json and paths.quarantine."""
     manifest = _read_manifest(params)
     assigned = assigned_splits(params.paths.raw)
     if assigned:

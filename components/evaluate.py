@@ -136,13 +136,14 @@ def _plot_confusion(matrix: np.ndarray, classes: tuple[str, ...], path: Path) ->
 
 def run(params: Params) -> EvaluateResult:
     # Imported here: promotion reuses the metrics above without paying for Keras and TensorFlow.
+    from components.data.stream import predict
     from components.training.models import load_model_dir
 
     model, classes = load_model_dir(params.paths.finetuned_model)
     test = load_split(params.paths.clean, "target", "test")
     if classes != test.classes:
         raise PipelineError(f"the model's classes {classes} differ from the test split's {test.classes}: rerun transfer")
-    y_pred = model.predict(test.x, batch_size=256, verbose=0).argmax(axis=1)
+    y_pred = predict(model, test).argmax(axis=1)
     metrics = compute_metrics(test.y, y_pred, classes)
     gain = transfer_gain(params, metrics["accuracy"])
     if gain["compared"]:

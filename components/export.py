@@ -126,7 +126,7 @@ def _variants(params: Params, data: bytes, test: Split) -> dict[str, dict[str, o
     calibration = np.zeros((0,), dtype=np.uint8)
     if "int8" in settings.variants:
         val = load_split(params.paths.clean, "target", "val")  # calibration never sees the test images
-        calibration = val.x[: settings.calibration_images]
+        calibration = val.images(np.arange(min(settings.calibration_images, len(val))))  # bounded by the setting
     built = variants.build(
         tuple(settings.variants), data, calibration, test, settings.max_abs_diff, settings.int8_max_accuracy_drop
     )
@@ -189,8 +189,7 @@ def run(params: Params) -> ExportResult:
     data = proto.SerializeToString()
 
     # Evenly spaced over the split (it is sorted by class), so every class is represented.
-    n = min(settings.parity_images, len(test))
-    x = test.x[np.unique(np.linspace(0, len(test) - 1, n).round().astype(int))]
+    x = test.images(test.spread(settings.parity_images))
     fy, fx = OTHER_SIZE_FACTORS
     other = np.repeat(np.repeat(x[:OTHER_SIZE_IMAGES], fy, axis=1), fx, axis=2)
     session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])

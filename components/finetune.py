@@ -63,8 +63,7 @@ def _fingerprint(params: Params, train: Split, val: Split) -> str:
     digest.update((params.paths.transferred_model / MODEL_FILE).read_bytes())
     digest.update(json.dumps([params.seed, params.finetune.model_dump(mode="json")], sort_keys=True).encode())
     for split in (train, val):
-        digest.update(split.x.tobytes())
-        digest.update(split.y.tobytes())
+        digest.update(split.fingerprint().encode())
     return digest.hexdigest()
 
 

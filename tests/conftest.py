@@ -53,18 +53,46 @@ def write_class_folders(
     seed: int = 0,
 ) -> Path:
     """Real PNG class folders a small CNN can learn: class k draws a bright bar at row k, plus noise."""
+    for name, i, image in bar_images(classes, per_class, size, mode, seed):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        image.save(root / name / f"{name}_{i:04d}.png")
+    return root
+
+
+def bar_images(classes: list[str], per_class: int, size: tuple[int, int], mode: str, seed: int):
+    """(class, number, image) of write_class_folders' images, class by class."""
     rng = np.random.default_rng(seed)
     width, height = size
     for index, name in enumerate(classes):
-        folder = root / name
-        folder.mkdir(parents=True, exist_ok=True)
         for i in range(per_class):
             pixels = rng.integers(0, 60, size=(height, width), dtype=np.uint8)
             row = (index * height) // len(classes)
             pixels[row : row + max(1, height // len(classes)), :] = 255 - rng.integers(0, 30)
-            image = Image.fromarray(pixels).convert(mode)
-            image.save(folder / f"{name}_{i:04d}.png")
-    return root
+            yield name, i, Image.fromarray(pixels).convert(mode)
+
+
+def write_clean_split(clean_dir: Path, task: str, split: str, classes: list[str], images: list, labels: list[str]) -> None:
+    """One split in the clean stage's format (uint8 shards + index) and <task>/classes.json."""
+    import json
+
+    from components.data.dataset import write_split
+
+    (clean_dir / task).mkdir(parents=True, exist_ok=True)
+    (clean_dir / task / "classes.json").write_text(json.dumps(sorted(classes)))
+    paths = [f"{task}/{label}/{i:04d}.png" for i, label in enumerate(labels)]
+    write_split(clean_dir / task / split, sorted(classes), np.stack([np.asarray(x) for x in images]), labels, paths)
+
+
+def clean_images(clean_dir: Path, task: str) -> dict[str, tuple[str, np.ndarray]]:
+    """Source path -> (split, uint8 H x W x C pixels) of every image the clean stage wrote for `task`."""
+    from components.data.dataset import SPLITS, load_split
+
+    found = {}
+    for split in SPLITS:
+        opened = load_split(clean_dir, task, split)
+        for position, path in enumerate(opened.paths):
+            found[path] = (split, opened.images([position])[0])
+    return found
 
 
 def write_clean_dataset(
@@ -76,12 +104,10 @@ def write_clean_dataset(
     mode: str = "L",
     seed: int = 0,
 ) -> Path:
-    """The layout the clean stage writes (<task>/<split>/<class>/*.png + classes.json), with learnable images."""
-    import json
-
+    """What the clean stage writes (shards, index, classes.json) for every split, with learnable images."""
     for offset, (split, count) in enumerate(per_split.items()):
-        write_class_folders(clean_dir / task / split, classes, count, size=(size, size), mode=mode, seed=seed + offset)
-    (clean_dir / task / "classes.json").write_text(json.dumps(sorted(classes)))
+        made = list(bar_images(sorted(classes), count, (size, size), mode, seed + offset))
+        write_clean_split(clean_dir, task, split, classes, [image for _, _, image in made], [name for name, _, _ in made])
     return clean_dir
 
 
@@ -140,8 +166,7 @@ def export_tiny_model(root: Path, classes: list[str]) -> Path:
 
     params = shrunk_params(root, {"export.variants": []})
     size = params.data.image_size
-    write_class_folders(params.paths.clean / "target" / "test", classes, per_class=2, size=(size, size))
-    (params.paths.clean / "target" / "classes.json").write_text(json.dumps(classes))
+    write_clean_dataset(params.paths.clean, "target", classes, {"test": 2}, size)
     write_json(params.paths.gates, {"passed": True, "gates": []})
     keras.utils.set_random_seed(params.seed)
     model = build_model(params.model, params.data, len(classes), bn_inference=True)

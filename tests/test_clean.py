@@ -14,7 +14,7 @@ from components import clean, ingest, validate
 from components.core.config import Params
 from components.core.errors import PipelineError
 from components.data.images import load_normalized
-from tests.conftest import shrunk_params, write_class_folders
+from tests.conftest import clean_images, shrunk_params, write_class_folders
 
 SPLITS = ("train", "val", "test")
 
@@ -31,9 +31,8 @@ def _user_params(tmp_path: Path, target: Path, extra: dict[str, object] | None =
 
 
 def _split_of(params: Params, task: str) -> dict[str, str]:
-    """Output file name -> split, for every image clean wrote for `task`."""
-    root = params.paths.clean / task
-    return {p.name: p.relative_to(root).parts[0] for p in root.glob("*/*/*.png")}
+    """Source path -> split, for every image clean wrote for `task`."""
+    return {path: split for path, (split, _) in clean_images(params.paths.clean, task).items()}
 
 
 def test_bad_files_and_duplicates_are_quarantined_with_reasons(tmp_path: Path) -> None:
@@ -69,15 +68,15 @@ def test_bad_files_and_duplicates_are_quarantined_with_reasons(tmp_path: Path) -
         assert c["input"] == c["kept"] + c["quarantined"] + c["held_back"] == files
         assert c["kept"] == c["train"] + c["val"] + c["test"]
         # The label budget caps target train images per class; the rest are held back, not lost.
-        assert c["train"] == 4 == len(list((params.paths.clean / "target" / "train" / label).iterdir()))
+        assert c["train"] == 4 == sum(p.split("/")[1] == label and s == "train" for p, s in _split_of(params, "target").items())
     assert len(report["held_back"]) == counts["held_back"] > 0
     assert result.kept["target"] == counts["kept"] and result.quarantined == 6
     assert report["counts"]["source"]["held_back"] == 0  # the budget is for the target task only
 
     assert json.loads((params.paths.clean / "target" / "classes.json").read_text()) == ["a", "b", "c"]
-    written = list(params.paths.clean.glob("*/*/*/*.png"))
+    written = [pixels for task in ("source", "target") for _, pixels in clean_images(params.paths.clean, task).values()]
     assert len(written) == counts["kept"] + report["counts"]["source"]["kept"]
-    assert {Image.open(p).size for p in written} == {(16, 16)} and {Image.open(p).mode for p in written} == {"L"}
+    assert {p.shape for p in written} == {(16, 16, 1)}  # the configured size, grayscale
 
     (params.paths.raw / "target" / "a" / "late.png").write_bytes(valid)
     with pytest.raises(PipelineError, match="rerun `tlpipe stage validate`"):
@@ -99,11 +98,12 @@ def test_rgba_and_palette_images_become_the_configured_mode_and_size(tmp_path: P
 
     _pipeline(params)
 
+    written = clean_images(params.paths.clean, "target")
+
     def output(name: str) -> np.ndarray:
-        (path,) = params.paths.clean.glob(f"target/*/*/{name}")
-        image = Image.open(path)
-        assert image.size == (16, 16) and image.mode == "RGB"
-        return np.asarray(image)
+        (pixels,) = [pixels for path, (_, pixels) in written.items() if path.endswith(f"/{name}")]
+        assert pixels.shape == (16, 16, 3)
+        return pixels
 
     rgba_pixels = output("rgba.png")
     assert tuple(rgba_pixels[8, 1]) == (255, 255, 255)  # transparent composited on white, not black
@@ -151,7 +151,7 @@ def test_small_classes_get_every_split_and_too_small_ones_fail(tmp_path: Path) -
     params = _user_params(tmp_path, target, {"validate.min_images_per_class": 1})
     _pipeline(params)
     for split in SPLITS:
-        assert len(list((params.paths.clean / "target" / split / "b").iterdir())) == 1
+        assert sum(p.startswith("target/b/") and s == split for p, s in _split_of(params, "target").items()) == 1
 
     (target / "b" / "b_0002.png").unlink()
     with pytest.raises(PipelineError, match="class 'b' of target has 2 usable image"):
@@ -173,8 +173,7 @@ def test_a_csv_split_column_is_honoured_and_the_rest_split_by_content(tmp_path: 
 
     _pipeline(params)
 
-    # A CSV's files land under <label>/<their path>, here a/a_0000.png -> a__a_0000.png.
-    split_of = {name.split("__")[-1]: split for name, split in _split_of(params, "target").items()}
+    split_of = {path.rsplit("/", 1)[-1]: split for path, split in _split_of(params, "target").items()}
     assert split_of["a_0000.png"] == "test" and split_of["a_0001.png"] == "val"
     assert split_of["b_0002.png"] == "train" and split_of["b_0003.png"] == "test"
     assert len(split_of) == 24 and set(split_of.values()) == set(SPLITS)  # unassigned rows still fill every split

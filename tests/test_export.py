@@ -18,7 +18,7 @@ from components.core.config import Params, with_overrides
 from components.core.errors import PipelineError
 from components.training.models import build_model, load_model_dir, save_model_dir
 from components.apps.summary import summary
-from tests.conftest import shrunk_params, write_class_folders
+from tests.conftest import shrunk_params, write_class_folders, write_clean_dataset
 
 CLASSES = ["5", "6", "7"]
 
@@ -28,8 +28,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Params, export.E
     """One real export, shared by the tests below (conversion is the slow part)."""
     params = shrunk_params(tmp_path_factory.mktemp("export"), {"export.variants": []})  # tests/test_variants.py
     size = params.data.image_size
-    write_class_folders(params.paths.clean / "target" / "test", CLASSES, per_class=4, size=(size, size))
-    (params.paths.clean / "target" / "classes.json").write_text(json.dumps(CLASSES))
+    write_clean_dataset(params.paths.clean, "target", CLASSES, {"test": 4}, size)
     gate = {"name": "accuracy", "value": 1.0, "threshold": 0.0, "passed": True}
     write_json(params.paths.gates, {"passed": True, "gates": [gate]})
     keras.utils.set_random_seed(params.seed)

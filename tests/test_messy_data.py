@@ -20,7 +20,7 @@ from PIL import Image
 from components import clean, ingest, validate
 from components.core.config import Params
 from components.core.errors import PipelineError
-from tests.conftest import REPO, shrunk_params, write_class_folders, write_shrunk_params_yaml
+from tests.conftest import REPO, clean_images, shrunk_params, write_class_folders, write_shrunk_params_yaml
 
 
 def _png_header_only(path: Path, width: int, height: int) -> None:
@@ -133,11 +133,14 @@ def test_every_bad_file_has_its_reason_and_every_mode_converts(tmp_path: Path) -
         assert on_disk == counts["per_class"][label]["kept"] + counts["per_class"][label]["quarantined"]
     assert counts["input"] == counts["kept"] + counts["quarantined"] and report["reconciled"] is True
 
+    written = clean_images(params.paths.clean, "target")
+
     def output(label: str, name: str) -> np.ndarray:
-        (path,) = params.paths.clean.glob(f"target/*/{label}/{name}")
-        image = Image.open(path)
-        assert image.size == (16, 16) and image.mode == "RGB"
-        return np.asarray(image).astype(int)
+        stem = Path(name).stem  # the source may be a .jpg or .tif; its name without the suffix
+        (pixels,) = [pixels for path, (_, pixels) in written.items()
+                     if Path(path).parent == Path("target", label) and Path(path).stem == stem]
+        assert pixels.shape == (16, 16, 3)
+        return pixels.astype(int)
 
     assert output("chat noir", "é 1.png")[0, 0].tolist() == [9, 9, 9]
     assert output("bird", "cmyk.png")[8, 8].tolist() == [0, 255, 255]

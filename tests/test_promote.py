@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from components.apps.cli import main
@@ -66,8 +67,8 @@ def onnx_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     model = build_model(params.model, params.data, len(CLASSES), bn_inference=True)
     model.compile(optimizer=keras.optimizers.Adam(0.01), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     train, test = (load_split(params.paths.clean, "target", split) for split in ("train", "test"))
-    model.fit(train.x, train.y, epochs=15, batch_size=16, verbose=0)
-    accuracy = float((model.predict(test.x, verbose=0).argmax(axis=1) == test.y).mean())
+    model.fit(train.images(np.arange(len(train))), train.y, epochs=15, batch_size=16, verbose=0)
+    accuracy = float((model.predict(test.images(np.arange(len(test))), verbose=0).argmax(axis=1) == test.y).mean())
     assert accuracy == 1.0, f"the fixture's model should learn the bars perfectly, got {accuracy}"
     save_model_dir(model, tuple(CLASSES), params.paths.finetuned_model)
     export.run(params)

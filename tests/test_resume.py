@@ -12,11 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from components.core.config import Params
 from components.training.models import BACKBONE_NAME, build_model, load_model_dir, save_model_dir
-from tests.conftest import REPO, shrunk_params, write_shrunk_params_yaml
+from tests.conftest import REPO, shrunk_params, write_clean_split, write_shrunk_params_yaml
 
 
 TEXTURES = ("x", "y", "z")
@@ -33,16 +32,16 @@ def write_texture_task(clean_dir: Path, per_split: dict[str, int], size: int, se
     rng = np.random.default_rng(seed)
     rows, cols = np.indices((size, size))
     for split, count in per_split.items():
+        images, labels = [], []
         for label in TEXTURES:
-            folder = clean_dir / "target" / split / label
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(count):
+            for _ in range(count):
                 phase = rng.integers(0, 4)
                 stripes = {"x": (rows + phase) // 2 % 2, "y": (cols + phase) // 2 % 2,
                            "z": ((rows + phase) // 2 + (cols + phase) // 2) % 2}[label]
                 pixels = stripes * rng.integers(150, 256) + rng.integers(0, 60, size=(size, size))
-                Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(folder / f"{label}_{i:04d}.png")
-    (clean_dir / "target" / "classes.json").write_text(json.dumps(list(TEXTURES)))
+                images.append(np.clip(pixels, 0, 255).astype(np.uint8))
+                labels.append(label)
+        write_clean_split(clean_dir, "target", split, list(TEXTURES), images, labels)
 
 
 def finetune_workspace(root: Path, extra: dict[str, object] | None = None) -> tuple[Params, Path]:

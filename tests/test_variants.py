@@ -34,7 +34,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Params, dict]:
     model = build_model(params.model, params.data, len(CLASSES), bn_inference=True)
     model.compile(optimizer=keras.optimizers.Adam(0.01), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     train = load_split(params.paths.clean, "target", "train")
-    model.fit(train.x, train.y, epochs=15, batch_size=20, verbose=0)
+    model.fit(train.images(np.arange(len(train))), train.y, epochs=15, batch_size=20, verbose=0)
     save_model_dir(model, tuple(CLASSES), params.paths.finetuned_model)
     export.run(params)
     return params, json.loads(params.paths.export_report.read_text())
@@ -68,7 +68,7 @@ def test_variants_within_their_bounds_are_written_and_reported(exported: tuple[P
     # The int8 model answers like the float one on the test images (it is the same task).
     test = load_split(params.paths.clean, "target", "test")
     session = ort.InferenceSession(str(params.paths.onnx_variants / "int8.onnx"), providers=["CPUExecutionProvider"])
-    accuracy = float(np.mean(session.run(None, {"input": test.x})[0].argmax(axis=1) == test.y))
+    accuracy = float(np.mean(session.run(None, {"input": test.images(np.arange(len(test)))})[0].argmax(axis=1) == test.y))
     assert accuracy == pytest.approx(int8["accuracy"])
 
 
@@ -94,4 +94,4 @@ def test_unknown_variant_is_an_error_naming_the_choices(exported: tuple[Params, 
     params, _ = exported
     test = load_split(params.paths.clean, "target", "test")
     with pytest.raises(PipelineError, match="unknown export.variants.*optimized"):
-        variants.build(("fp8",), params.paths.onnx_model.read_bytes(), test.x, test, 1e-4, 0.01)
+        variants.build(("fp8",), params.paths.onnx_model.read_bytes(), test.images(np.arange(len(test))), test, 1e-4, 0.01)

@@ -62,9 +62,7 @@ class PromotionResult:
 def score(model_path: Path, test: Split) -> dict[str, Any]:
     """The model's metrics on the split through onnxruntime (what serving runs), plus its sha256 and labels."""
     model = OnnxModel(model_path)
-    probabilities = np.concatenate(
-        [model.session.run(None, {model.input_name: test.x[i : i + 256]})[0] for i in range(0, len(test), 256)]
-    )
+    probabilities = np.concatenate([model.session.run(None, {model.input_name: x})[0] for x, _ in test.batches(256)])
     metrics = compute_metrics(test.y, probabilities.argmax(axis=1), test.classes)
     return {
         "path": str(model_path),

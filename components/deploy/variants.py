@@ -48,9 +48,10 @@ def _session(data: bytes) -> ort.InferenceSession:
     return ort.InferenceSession(data, providers=["CPUExecutionProvider"])
 
 
-def _predict(session: ort.InferenceSession, x: np.ndarray) -> np.ndarray:
+def _predict(session: ort.InferenceSession, split: Split) -> np.ndarray:
+    """Outputs for every image of the split, read batch by batch from its shards."""
     name = session.get_inputs()[0].name
-    return np.concatenate([session.run(None, {name: x[i : i + 64]})[0] for i in range(0, len(x), 64)])
+    return np.concatenate([session.run(None, {name: x})[0] for x, _ in split.batches(64)])
 
 
 def latency_ms(data: bytes, image: np.ndarray) -> float:
@@ -66,7 +67,7 @@ def latency_ms(data: bytes, image: np.ndarray) -> float:
     return 1000 * statistics.median(times)
 
 
-def optimized(reference: bytes, x: np.ndarray, max_abs_diff: float) -> Variant:
+def optimized(reference: bytes, test: Split, max_abs_diff: float) -> Variant:
     """onnxruntime's extended graph optimizations, saved; gated on parity with the reference model."""
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder) / "optimized.onnx"
@@ -76,7 +77,7 @@ def optimized(reference: bytes, x: np.ndarray, max_abs_diff: float) -> Variant:
         options.optimized_model_filepath = str(out)
         ort.InferenceSession(reference, options, providers=["CPUExecutionProvider"])
         data = out.read_bytes()
-    diff = float(np.max(np.abs(_predict(_session(data), x) - _predict(_session(reference), x))))
+    diff = float(np.max(np.abs(_predict(_session(data), test) - _predict(_session(reference), test))))
     accepted = diff <= max_abs_diff  # also refuses NaN
     reason = f"max |optimized - model| {diff:.1e} {'<=' if accepted else '>'} {max_abs_diff:.1e}"
     return Variant("optimized", accepted, reason, data, {"max_abs_diff": diff, "max_abs_diff_bound": max_abs_diff})
@@ -111,8 +112,8 @@ def int8(reference: bytes, calibration: np.ndarray, test: Split, max_accuracy_dr
         except Exception as error:  # quantization tools raise many types; each means "no int8 variant"
             return Variant("int8", False, f"quantization failed: {type(error).__name__}: {error}", b"", {})
         data = out.read_bytes()
-    float_accuracy = float(np.mean(_predict(_session(reference), test.x).argmax(axis=1) == test.y))
-    int8_accuracy = float(np.mean(_predict(_session(data), test.x).argmax(axis=1) == test.y))
+    float_accuracy = float(np.mean(_predict(_session(reference), test).argmax(axis=1) == test.y))
+    int8_accuracy = float(np.mean(_predict(_session(data), test).argmax(axis=1) == test.y))
     drop = float_accuracy - int8_accuracy
     accepted = drop <= max_accuracy_drop + 1e-12  # the bound is inclusive; float noise must not flip it
     reason = (
@@ -140,11 +141,11 @@ def build(
         raise PipelineError(f"unknown export.variants {sorted(unknown)}: choose from {list(VARIANTS)}")
     built = []
     for name in names:
-        variant = optimized(reference, test.x, max_abs_diff) if name == "optimized" else int8(
+        variant = optimized(reference, test, max_abs_diff) if name == "optimized" else int8(
             reference, calibration, test, max_accuracy_drop
         )
         if variant.data:
-            variant.report.update(size_bytes=len(variant.data), latency_ms_batch1=latency_ms(variant.data, test.x[:1]))
+            variant.report.update(size_bytes=len(variant.data), latency_ms_batch1=latency_ms(variant.data, test.images([0])))
         log.log(logging.INFO if variant.accepted else logging.WARNING,
                 "variant %s %s: %s", name, "accepted" if variant.accepted else "REFUSED", variant.reason)
         built.append(variant)

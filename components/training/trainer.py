@@ -1,6 +1,7 @@
 """The training machinery that source training and fine-tuning share: the recipe, early stopping, checkpoints, curves.
 
-Keras APIs only, fed from numpy arrays, so the same code runs on the TensorFlow, JAX or torch backend.
+Keras APIs only, fed from the on-disk splits by components.data.stream, so the same code runs on
+the TensorFlow, JAX or torch backend and never holds a split in memory.
 Training runs one `model.fit` call per phase; a callback checkpoints the whole state after every
 epoch (weights, optimizer, early-stopping counters), so a killed run resumes where it stopped.
 """
@@ -21,6 +22,7 @@ import numpy as np
 
 from components.core.artifacts import atomic_dir, write_text
 from components.data.dataset import Split
+from components.data.stream import TrainFeed, predict, replicas
 
 log = logging.getLogger(__name__)
 
@@ -160,16 +162,25 @@ class _Epochs(keras.callbacks.Callback):
     """
 
     def __init__(self, *, model: keras.Model, optimizer_of: keras.Model, phase: str, epochs: int, patience: int,
-                 state: dict, best: list[np.ndarray], curves: Curves | None, checkpoint: Checkpoint | None) -> None:
+                 state: dict, best: list[np.ndarray], curves: Curves | None, checkpoint: Checkpoint | None,
+                 feed: TrainFeed, val: Split, label_smoothing: float) -> None:
         super().__init__()
         self.saved, self.optimizer_of, self.phase, self.epochs, self.patience = model, optimizer_of, phase, epochs, patience
+        self.feed, self.val, self.label_smoothing = feed, val, label_smoothing
         self.state, self.best, self.curves, self.checkpoint = state, best, curves, checkpoint
         history = state["history"]
         self.offset = history["elapsed"][-1] if history["elapsed"] else 0.0
         self.started = time.perf_counter()
 
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.feed.epoch = epoch  # the epoch's order is fixed by (seed, epoch): a resumed run reads the same
+
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        logs, state, history = logs or {}, self.state, self.state["history"]
+        logs, state, history = logs if logs is not None else {}, self.state, self.state["history"]
+        # Validation here, not fit's validation_data: `predict` pads the last batch for data
+        # parallelism and cuts the padding off, so no image is dropped or counted twice.
+        scores = evaluate(self.saved, self.val, label_smoothing=self.label_smoothing)
+        logs.update(val_loss=scores["loss"], val_accuracy=scores["accuracy"])
         state["epoch"] = epoch + 1
         shown = "  ".join(f"{key} {value:.4f}" for key, value in sorted(logs.items()) if key != "learning_rate")
         log.info("%s epoch %d/%d  %s", self.phase, state["epoch"], self.epochs, shown)
@@ -259,10 +270,6 @@ def compile_model(model: keras.Model, rate: float | object, label_smoothing: flo
     )
 
 
-def one_hot(split: Split) -> np.ndarray:
-    return np.eye(len(split.classes), dtype="float32")[split.y]
-
-
 def _optimizer_values(model: keras.Model) -> list[np.ndarray]:
     return [keras.ops.convert_to_numpy(v) for v in model.optimizer.variables]
 
@@ -298,15 +305,14 @@ def fit(
     ends with a save, and a checkpoint of this phase found at the start is resumed.
     """
     recipe = recipe or Recipe()
-    batch_size = min(batch_size, len(train))
-    repeats = max(1, math.ceil(recipe.min_steps_per_epoch * batch_size / len(train)))
-    x_train = np.concatenate([train.x] * repeats) if repeats > 1 else train.x
-    steps = math.ceil(len(x_train) / batch_size)
+    weights = class_weights(train.y, len(train.classes)) if recipe.class_weight else None
+    # Seeded by phase: the head and unfrozen phases do not repeat each other's order.
+    feed = TrainFeed(train, batch_size, seed=seed + 1000 * (phase != "head"), min_steps=recipe.min_steps_per_epoch,
+                     class_weight=weights, multiple=replicas())
+    steps = len(feed)
     trainer = with_augmentation(model, recipe.augment, seed)
     rate = lr_schedule(learning_rate, recipe, epochs, steps)
     compile_model(trainer, rate, recipe.label_smoothing, recipe.jit_compile)
-    weights = class_weights(train.y, len(train.classes)) if recipe.class_weight else None
-    y_train, y_val = np.concatenate([one_hot(train)] * repeats), one_hot(val)
 
     state = {"phase": phase, "epoch": 0, "best_loss": math.inf, "best_epoch": 0, "wait": 0, "stopped": False,
              "history": {"loss": [], "val_loss": [], "val_accuracy": [], "elapsed": []}}
@@ -322,14 +328,13 @@ def fit(
         log.info("%s: resuming after epoch %d of %d from the checkpoint in %s", phase, resumed, epochs,
                  checkpoint.directory)
     after_epoch = _Epochs(model=model, optimizer_of=trainer, phase=phase, epochs=epochs, patience=patience,
-                          state=state, best=best, curves=curves, checkpoint=checkpoint)
+                          state=state, best=best, curves=curves, checkpoint=checkpoint, feed=feed, val=val,
+                          label_smoothing=recipe.label_smoothing)
     if state["epoch"] < epochs and not state["stopped"]:
         # Seeded by phase and starting epoch: the same inputs train the same way (a resumed run is
         # seeded by its own starting epoch, so it is close to, not bit-identical with, an unbroken one).
         keras.utils.set_random_seed(seed + 1000 * (phase != "head") + state["epoch"])
-        trainer.fit(x_train, y_train, validation_data=(val.x, y_val), batch_size=batch_size,
-                    initial_epoch=state["epoch"], epochs=epochs, shuffle=True, verbose=0, class_weight=weights,
-                    callbacks=[after_epoch])
+        trainer.fit(feed, initial_epoch=state["epoch"], epochs=epochs, verbose=0, callbacks=[after_epoch])
     best, history = after_epoch.best, state["history"]
     model.set_weights(best)
     seconds = history["elapsed"][-1] if history["elapsed"] else 0.0
@@ -340,23 +345,28 @@ def fit(
         best_epoch=state["best_epoch"],
         best_val_accuracy=float(history["val_accuracy"][best_index]) if epochs_run else 0.0,
         seconds=round(seconds, 3),
-        images_per_second=round(epochs_run * len(x_train) / seconds, 1) if seconds else 0.0,
+        images_per_second=round(epochs_run * steps * feed.batch_size / seconds, 1) if seconds else 0.0,
         resumed_from_epoch=resumed,
         val_accuracy=tuple(round(v, 6) for v in history["val_accuracy"]),
         elapsed=tuple(history["elapsed"]),
     )
 
 
-def evaluate(model: keras.Model, split: Split, batch_size: int = 256) -> dict[str, float]:
-    """Loss and accuracy as training measures them (cross-entropy on one-hot labels, no smoothing).
+def evaluate(model: keras.Model, split: Split, batch_size: int = 256, label_smoothing: float = 0.0) -> dict[str, float]:
+    """Loss and accuracy as training measures them (cross-entropy on one-hot labels, `label_smoothing`
+    as the compiled loss has it: validation during `fit` uses the recipe's, comparisons none).
 
     From `predict`, not `model.evaluate`: evaluate needs a `compile`, which throws away the model's
     traced functions, so each call traced a new one (measured: about 8 s a finetune run on busy cores).
     """
-    probabilities = model.predict(split.x, batch_size=batch_size, verbose=0).astype("float64")
-    # Keras clips probabilities to [epsilon, 1 - epsilon] before the log; so does this.
-    chosen = np.clip(probabilities[np.arange(len(split)), split.y], keras.config.epsilon(), 1 - keras.config.epsilon())
-    return {"loss": float(-np.log(chosen).mean()), "accuracy": float((probabilities.argmax(axis=1) == split.y).mean())}
+    probabilities = predict(model, split, batch_size).astype("float64")
+    # Keras normalizes, then clips probabilities to [epsilon, 1 - epsilon] before the log; so does this.
+    probabilities /= probabilities.sum(axis=1, keepdims=True)
+    logs = np.log(np.clip(probabilities, keras.config.epsilon(), 1 - keras.config.epsilon()))
+    classes = probabilities.shape[1]
+    chosen = logs[np.arange(len(split)), split.y]
+    loss = -((1 - label_smoothing) * chosen + label_smoothing / classes * logs.sum(axis=1))
+    return {"loss": float(loss.mean()), "accuracy": float((probabilities.argmax(axis=1) == split.y).mean())}
 
 
 def accuracy(model: keras.Model, split: Split, batch_size: int = 256) -> float:
