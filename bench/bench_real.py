@@ -112,8 +112,18 @@ def metered(repo: Path, name: str) -> dict[str, str]:
 
 
 def read_meter(repo: Path, name: str) -> list[dict]:
+    """One record per stage process. Worker processes recorded too by an older meter are dropped: in a
+    run of records of one stage, only those whose process waited for children are the stage's own."""
     path = repo / f".meter-{name}.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    lines = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    kept, start = [], 0
+    for end in range(1, len(lines) + 1):
+        if end == len(lines) or lines[end]["stage"] != lines[start]["stage"]:
+            group = lines[start:end]
+            parents = [line for line in group if line["children_peak_rss_mib"] > 0]
+            kept += parents or group
+            start = end
+    return kept
 
 
 def measure(size: int, args: argparse.Namespace) -> dict:

@@ -12,7 +12,8 @@ import sys
 import time
 
 _STARTED = time.perf_counter()
-_PID = os.getpid()  # a forked worker inherits both hooks; only the stage's own process records
+# Only the stage's own process records: a forked worker inherits _PID, a spawned one the variable.
+_PID = int(os.environ.setdefault("TLPIPE_STAGE_METER_PID", str(os.getpid())))
 _DONE = False
 
 
