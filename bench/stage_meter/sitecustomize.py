@@ -12,15 +12,17 @@ import sys
 import time
 
 _STARTED = time.perf_counter()
-# Only the stage's own process records: a forked worker inherits _PID, a spawned one the variable.
-_PID = int(os.environ.setdefault("TLPIPE_STAGE_METER_PID", str(os.getpid())))
 _DONE = False
 
 
 def _record(code: int = 0) -> None:
     global _DONE
     path = os.environ.get("TLPIPE_STAGE_METER")
-    if _DONE or os.getpid() != _PID or not path or sys.argv[1:2] != ["stage"] or len(sys.argv) < 3:
+    if _DONE or not path or sys.argv[1:2] != ["stage"] or len(sys.argv) < 3:
+        return
+    import multiprocessing
+
+    if multiprocessing.parent_process() is not None:  # a worker of the stage (forked or spawned)
         return
     _DONE = True
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
