@@ -172,7 +172,7 @@ def measure(size: int, args: argparse.Namespace) -> dict:
         result["fit_floor"] = fit_floor(repo, finetune["train_images"], finetune["val_images"], classes)
     if size in args.cache_types_at:
         result["ingest_cache_types"] = ingest_cache_types(size, args)
-    if size == args.plain_at:
+    if size == args.plain_at and not data_only:
         plain = harness.timed([sys.executable, str(BENCH / "plain_keras.py"), "--params", "params.yaml",
                                "--folders", str(photos), "--json"], repo)
         result["plain_keras"] = {"seconds": round(plain.seconds, 2), "peak_rss_mib": round(plain.peak_rss_mib, 1),
