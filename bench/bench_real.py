@@ -236,7 +236,7 @@ def targets(results: list[dict]) -> str:
         rows.append([f"no-op dvc repro, {r['images']} images", "<= 5 s (at 40k)", f"{r['noop_seconds']:.2f} s",
                      verdict(r["noop_seconds"], 5.0) if r["images"] >= 40000 else "(size below 40k)"])
     for r in results:
-        if "plain_keras" in r:
+        if "plain_keras" in r and not r.get("data_only"):
             ratio = r["whole_seconds"] / r["plain_keras"]["seconds"]
             rows.append([f"whole dvc repro vs plain_keras.py, {r['images']} images", "<= 1.15x",
                          f"{ratio:.2f}x ({r['whole_seconds']:.0f} vs {r['plain_keras']['seconds']:.0f} s)",
@@ -300,7 +300,7 @@ def markdown(everything: list[dict], args: argparse.Namespace) -> str:
          "finetune unfrozen img/s", "in-memory model.fit img/s", "ratio (unfrozen)", "test accuracy",
          "quarantined"], rows), ""]
     for r in results:
-        if "plain_keras" in r:
+        if "plain_keras" in r and not r.get("data_only"):
             p = r["plain_keras"]
             out += [f"#### Whole `dvc repro` against bench/plain_keras.py at {r['images']} images", "",
                     harness.table(["run", "seconds", "peak RSS MiB", "test accuracy"],
