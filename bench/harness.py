@@ -125,7 +125,7 @@ def timed(command: Sequence[str], cwd: Path, extra_env: dict[str, str] | None = 
     (the editable install would otherwise import the checkout's)."""
     with open(cwd / ".bench-out.log", "w+") as out:
         start = time.perf_counter()
-        process = subprocess.Popen(command, cwd=cwd, env=env(PYTHONPATH=str(cwd), **(extra_env or {})), stdout=out,
+        process = subprocess.Popen(command, cwd=cwd, env=env(**{"PYTHONPATH": str(cwd), **(extra_env or {})}), stdout=out,
                                    stderr=subprocess.STDOUT)
         _, status, usage = os.wait4(process.pid, 0)
         seconds = time.perf_counter() - start

@@ -1,6 +1,6 @@
 """The hand-written Keras script a user would write instead of tlpipe: the end-to-end baseline.
 
-    .venv/bin/python bench/plain_keras.py [--params params.yaml] [--data digits | --data CLEAN_DIR] [--json]
+    .venv/bin/python bench/plain_keras.py [--params params.yaml] [--data digits | --data CLEAN_DIR | --folders DIR] [--json]
 
 Source training, weight transfer, two-phase fine-tuning and test evaluation of the embedded
 digits task in one process, written the way the Keras transfer-learning guide teaches it. It does
@@ -10,7 +10,9 @@ checkpoints, no curves, no gates, no ONNX export):
 - data: scikit-learn digits, source classes 0-4 and target classes 5-9 (params.yaml `data`),
   8x8 pixels scaled to 0..255; a stratified random split with `clean.val_fraction` /
   `clean.test_fraction` and `clean.target_train_per_class` target training images per class.
-  With `--data CLEAN_DIR` it reads the pipeline's own cleaned folders instead (the same images).
+  With `--data CLEAN_DIR` it reads the pipeline's own cleaned folders instead (the same images);
+  with `--folders DIR`, the user's folders DIR/{source,target}/<class>/* (bench/photos.py writes
+  them), decoded, converted to `data.color_mode` and resized to `data.image_size` in memory.
 - model: the pipeline's simple_cnn written out by hand (uint8 in, rescale and resize inside,
   3 blocks of 2x conv-BN-ReLU, global pooling, dropout, softmax), `model.width`, `model.dropout`.
 - recipe: `source` and `finetune` sections of params.yaml: epochs, batch sizes, learning rates,
@@ -46,25 +48,50 @@ IMPORTED = time.perf_counter()
 def digits(cfg: dict, seed: int) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
     """{task: {split: (uint8 NHWC images, labels 0..k-1)}} from scikit-learn's bundled digits."""
     from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
 
-    data, clean = cfg["data"], cfg["clean"]
+    data = cfg["data"]
     raw = load_digits()
     pixels = np.rint(raw.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
     tasks = {}
     for task, classes in (("source", data["embedded_source_classes"]), ("target", data["embedded_target_classes"])):
         keep = np.isin(raw.target, classes)
-        x, y = pixels[keep], np.searchsorted(classes, raw.target[keep])
-        x_rest, x_test, y_rest, y_test = train_test_split(x, y, test_size=clean["test_fraction"], stratify=y,
-                                                          random_state=seed)
-        val_share = clean["val_fraction"] / (1 - clean["test_fraction"])
-        x_train, x_val, y_train, y_val = train_test_split(x_rest, y_rest, test_size=val_share, stratify=y_rest,
-                                                          random_state=seed)
-        budget = clean["target_train_per_class"]
-        if task == "target" and budget is not None:
-            chosen = np.concatenate([np.flatnonzero(y_train == k)[:budget] for k in range(len(classes))])
-            x_train, y_train = x_train[chosen], y_train[chosen]
-        tasks[task] = {"train": (x_train, y_train), "val": (x_val, y_val), "test": (x_test, y_test)}
+        tasks[task] = split(pixels[keep], np.searchsorted(classes, raw.target[keep]), cfg, seed, task)
+    return tasks
+
+
+def split(x: np.ndarray, y: np.ndarray, cfg: dict, seed: int, task: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """A stratified random train/val/test split with clean's fractions and the target label budget."""
+    from sklearn.model_selection import train_test_split
+
+    clean = cfg["clean"]
+    x_rest, x_test, y_rest, y_test = train_test_split(x, y, test_size=clean["test_fraction"], stratify=y,
+                                                      random_state=seed)
+    val_share = clean["val_fraction"] / (1 - clean["test_fraction"])
+    x_train, x_val, y_train, y_val = train_test_split(x_rest, y_rest, test_size=val_share, stratify=y_rest,
+                                                      random_state=seed)
+    budget = clean["target_train_per_class"]
+    if task == "target" and budget is not None:
+        chosen = np.concatenate([np.flatnonzero(y_train == k)[:budget] for k in range(int(y.max()) + 1)])
+        x_train, y_train = x_train[chosen], y_train[chosen]
+    return {"train": (x_train, y_train), "val": (x_val, y_val), "test": (x_test, y_test)}
+
+
+def image_folders(cfg: dict, seed: int, root: Path) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """The user's own folders (root/{source,target}/<class>/*), decoded and resized as a plain script does."""
+    from PIL import Image
+
+    side, mode = cfg["data"]["image_size"], "RGB" if cfg["data"]["color_mode"] == "rgb" else "L"
+    tasks = {}
+    for task in ("source", "target"):
+        classes = sorted(p.name for p in (root / task).iterdir() if p.is_dir())
+        xs, ys = [], []
+        for label, name in enumerate(classes):
+            for file in sorted((root / task / name).iterdir()):
+                with Image.open(file) as image:
+                    pixels = np.asarray(image.convert(mode).resize((side, side), Image.Resampling.BILINEAR))
+                xs.append(pixels if pixels.ndim == 3 else pixels[..., None])
+                ys.append(label)
+        tasks[task] = split(np.stack(xs), np.asarray(ys), cfg, seed, task)
     return tasks
 
 
@@ -87,8 +114,8 @@ def clean_folders(root: Path) -> dict[str, dict[str, tuple[np.ndarray, np.ndarra
     return tasks
 
 
-def backbone(side: int, width: int) -> keras.Model:
-    inputs = keras.Input((side, side, 1))
+def backbone(side: int, width: int, channels: int) -> keras.Model:
+    inputs = keras.Input((side, side, channels))
     x = inputs
     for block, filters in enumerate((width, width * 2, width * 4), start=1):
         for conv in (1, 2):
@@ -101,7 +128,7 @@ def backbone(side: int, width: int) -> keras.Model:
 
 
 def classifier(base: keras.Model, side: int, classes: int, dropout: float, frozen: bool) -> keras.Model:
-    inputs = keras.Input((None, None, 1), dtype="uint8")
+    inputs = keras.Input((None, None, base.inputs[0].shape[-1]), dtype="uint8")
     x = keras.layers.Resizing(side, side)(keras.layers.Rescaling(1 / 255)(inputs))
     x = base(x, training=False) if frozen else base(x)
     x = keras.layers.Dropout(dropout)(x)
@@ -155,24 +182,29 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--data", default="digits", help="digits (scikit-learn) or a tlpipe clean folder")
+    parser.add_argument("--folders", type=Path, help="image folders FOLDERS/{source,target}/<class>/* instead")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     cfg = yaml.safe_load(args.params.read_text())
     seed, side, src, ft = cfg["seed"], cfg["data"]["image_size"], cfg["source"], cfg["finetune"]
     keras.utils.set_random_seed(seed)
-    tasks = digits(cfg, seed) if args.data == "digits" else clean_folders(Path(args.data))
+    if args.folders:
+        tasks = image_folders(cfg, seed, args.folders)
+    else:
+        tasks = digits(cfg, seed) if args.data == "digits" else clean_folders(Path(args.data))
+    channels = tasks["source"]["train"][0].shape[-1]
     report: dict = {"import_seconds": round(IMPORTED - STARTED, 3)}
 
     # Source model, trained from scratch on the source task.
     source_classes = int(tasks["source"]["train"][1].max()) + 1
-    source = classifier(backbone(side, cfg["model"]["width"]), side, source_classes, cfg["model"]["dropout"], False)
+    source = classifier(backbone(side, cfg["model"]["width"], channels), side, source_classes, cfg["model"]["dropout"], False)
     report["source"] = train(source, tasks["source"]["train"], tasks["source"]["val"], src["epochs"],
                              src["batch_size"], src["learning_rate"], src["patience"])
 
     # Transfer: a fresh backbone takes the source backbone's weights, frozen, with a new head.
     target_train, target_val = tasks["target"]["train"], tasks["target"]["val"]
     target_classes = int(target_train[1].max()) + 1
-    base = backbone(side, cfg["model"]["width"])
+    base = backbone(side, cfg["model"]["width"], channels)
     base.set_weights(source.get_layer("backbone").get_weights())
     base.trainable = False
     target = classifier(base, side, target_classes, cfg["model"]["dropout"], True)

@@ -14,6 +14,7 @@ from typing import Any
 from components.core.artifacts import atomic_dir, read_json, write_json
 from components.core.config import Params
 from components.core.errors import PipelineError
+from components.core.graph import check_outputs
 from components.data.csv_manifest import is_csv_manifest, read_csv_manifest
 from components.data.images import TASKS, class_folders, list_class_images, sha256_file
 
@@ -169,6 +170,10 @@ def _rejection(source: Path, path: Path) -> str:
             return "unreadable: broken symlink"
         if target.is_dir():
             return "symlink to a folder: not followed; copy the folder or link its files"
+    if path.is_dir():
+        if not os.access(path, os.R_OK | os.X_OK):
+            return "unreadable: folder cannot be listed (permission denied); its files were not copied"
+        return "unreadable: folder cannot be listed; its files were not copied"
     if not path.is_file():
         return "unreadable: not a regular file (a pipe, socket or device)"
     if not os.access(path, os.R_OK):
@@ -253,6 +258,7 @@ def assigned_splits(raw: Path) -> dict[str, str]:
 def run(params: Params) -> IngestResult:
     """Write paths.raw/{source,target}/<class>/* from the user's folders or the embedded digits."""
     raw = params.paths.raw
+    check_outputs(params)  # first in the graph: before `dvc repro` deletes any later stage's outputs
     plan = _plan(params)
     fingerprint = _fingerprint(plan)
     if _unchanged(raw, fingerprint):

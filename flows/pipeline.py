@@ -13,7 +13,8 @@ from prefect.cache_policies import NO_CACHE
 from components.core.config import Params, load_params
 from components.core.console import quiet_libraries, stage_warnings
 from components.core.errors import PipelineError
-from components.core.graph import record_in_dvc, stage_module, stage_names
+from components.core import graph
+from components.core.graph import record_in_dvc, stage_names
 
 ARTIFACT_KEY = "tlpipe-run"
 quiet_libraries()  # a flow started without the CLI (a Prefect worker) is as quiet as `tlpipe run`
@@ -33,7 +34,7 @@ def stage_order(stages: list[str] | None = None) -> list[str]:
 @task(retries=0, cache_policy=NO_CACHE)
 def run_stage(name: str, params: Params) -> Any:
     with stage_warnings(name, params.paths.warnings):
-        return stage_module(name).run(params)
+        return graph.run_stage(name, params)
 
 
 def read_report(path: Path) -> dict[str, Any]:

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
+import subprocess
+import sys
+import tempfile
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +19,8 @@ from PIL import Image
 
 from components import clean, ingest, validate
 from components.core.config import Params
-from tests.conftest import clean_images, shrunk_params, write_class_folders
+from components.core.errors import PipelineError
+from tests.conftest import REPO, clean_images, shrunk_params, write_class_folders, write_shrunk_params_yaml
 
 
 def _png_header_only(path: Path, width: int, height: int) -> None:
@@ -148,14 +154,70 @@ def test_every_bad_file_has_its_reason_and_every_mode_converts(tmp_path: Path) -
     assert rotated[2, 8].min() > 200 and rotated[13, 8].max() < 50  # EXIF applied: the white half is on top
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads a file whatever its permissions")
-def test_a_file_nobody_may_read_is_quarantined(tmp_path: Path) -> None:
-    target = write_class_folders(tmp_path / "tgt", ["a", "b"], per_class=12)
+def _ingest_with_permissions_checked(params: Params, workspace: Path) -> None:
+    """Ingest as a user file permissions bind.
+
+    Root reads whatever the permissions say (CI runs as root), so there ingest runs as nobody
+    (setpriv drops root's capabilities); the workspace is nobody's, what it locks stays root's.
+    """
+    if os.geteuid() != 0:
+        ingest.run(params)
+        return
+    if not shutil.which("setpriv"):
+        pytest.skip("running as root without setpriv: cannot drop the capability to read anything")
+    for path in [workspace, *workspace.rglob("*")]:
+        if path.stat().st_mode & 0o777:
+            os.chown(path, 65534, 65534, follow_symlinks=False)
+    yaml_path = write_shrunk_params_yaml(workspace / "params.yaml", {"data.source_dir": params.data.source_dir,
+                                                                     "data.target_dir": params.data.target_dir})
+    env = {**os.environ, "HOME": str(workspace), "PYTHONDONTWRITEBYTECODE": "1"}
+    done = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m",
+                           "components", "stage", "ingest", "--params", str(yaml_path)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.fixture
+def open_workspace() -> Iterator[Path]:
+    """A folder any user may enter (pytest's tmp_path is root's alone when run as root)."""
+    folder = Path(tempfile.mkdtemp(prefix="tlpipe-perm-"))
+    folder.chmod(0o755)
+    try:
+        yield folder
+    finally:
+        for path in [folder, *folder.rglob("*")]:
+            if path.is_dir() and not path.is_symlink():
+                path.chmod(0o755)
+        shutil.rmtree(folder)
+
+
+def test_files_and_folders_nobody_may_read_are_quarantined_with_their_reason(open_workspace: Path) -> None:
+    target = write_class_folders(open_workspace / "tgt", ["a", "b", "c"], per_class=12)
     locked = target / "a" / "locked.png"
     Image.new("L", (12, 12)).save(locked)
     locked.chmod(0)
-    source = write_class_folders(tmp_path / "src", ["x", "y"], per_class=12, seed=1)
-    params = shrunk_params(tmp_path, {"data.source_dir": str(source), "data.target_dir": str(target)})
-    _run(params)
-    reasons = {q["path"]: q["reason"] for q in json.loads(params.paths.quarantine.read_text())["quarantined"]}
-    assert reasons == {"target/a/locked.png": "unreadable: permission denied"}
+    shut = target / "b" / "2024"
+    write_class_folders(shut, ["inner"], per_class=3)
+    shut.chmod(0)
+    (target / "c").chmod(0)  # a whole class folder
+    source = write_class_folders(open_workspace / "src", ["x", "y"], per_class=12, seed=1)
+    params = shrunk_params(open_workspace, {"data.source_dir": str(source), "data.target_dir": str(target)})
+    folder = "unreadable: folder cannot be listed (permission denied); its files were not copied"
+
+    _ingest_with_permissions_checked(params, open_workspace)
+    assert {r["path"]: r["reason"] for r in ingest.rejected_files(params.paths.raw)["target"]} == {
+        "a/locked.png": "unreadable: permission denied", "b/2024": folder, "c": folder}
+    with pytest.raises(PipelineError, match=r"class 'c' of target has 0 usable images"):
+        validate.run(params)
+
+    (target / "c").chmod(0o755)
+    shutil.rmtree(target / "c")
+    _ingest_with_permissions_checked(params, open_workspace)
+    validate.run(params)
+    clean.run(params)
+    quarantine = json.loads(params.paths.quarantine.read_text())
+    reasons = {q["path"]: q["reason"] for q in quarantine["quarantined"]}
+    assert reasons == {"target/a/locked.png": "unreadable: permission denied", "target/b/2024": folder}
+    assert quarantine["reconciled"]
+
+

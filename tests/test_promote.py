@@ -252,8 +252,9 @@ def test_a_promotion_killed_while_writing_the_release_leaves_production_whole(
     assert snapshot(params)["served"] == before["served"]
     assert not (params.paths.releases / "v2").exists()
 
-    # The next run is unaffected by the leftover and promotes normally.
+    # The next run is unaffected by the leftover, removes it, and promotes normally.
     assert run(params).version == "v2"
+    assert not [p.name for p in params.paths.releases.iterdir() if p.name.startswith(".")]
     assert sha256(params.paths.production / "model.onnx") == sha256(onnx_models["best"])
 
 

@@ -18,12 +18,11 @@ log = logging.getLogger("tlpipe")
 def _stage(args: argparse.Namespace) -> None:
     from components.core.config import load_params
     from components.core.console import stage_warnings
-    from components.core.graph import record_in_dvc, stage_module
+    from components.core.graph import record_in_dvc, run_stage
 
     params = load_params(args.params, record=True)  # dvc.yaml reads the effective values this writes
-    module = stage_module(args.name)
     with stage_warnings(args.name, params.paths.warnings):
-        result = module.run(params)
+        result = run_stage(args.name, params)
     log.info("%s: done%s", args.name, f" ({result})" if result is not None else "")
     record_in_dvc([args.name], args.params)
 

@@ -5,15 +5,21 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from components.core.artifacts import ForeignOutputError, owned
 from components.core.errors import PipelineError
+
+if TYPE_CHECKING:
+    from components.core.config import Params
 
 DVC_YAML = Path("dvc.yaml")
 
@@ -55,3 +61,33 @@ def record_in_dvc(stages: list[str], params_path: Path) -> None:
         said = (result.stderr or result.stdout).strip().splitlines() or [f"exit {result.returncode}"]
         log.warning("could not record %s in dvc.lock, so `dvc repro` may redo them: dvc commit: %s",
                     ", ".join(stages), said[-1])
+
+
+def run_stage(name: str, params: "Params") -> Any:
+    """Run stage `name` (what the CLI and the Prefect flow call); a refused output names its paths.* key."""
+    module = stage_module(name)
+    try:
+        return module.run(params)
+    except ForeignOutputError as error:
+        keys = [key for key, path in params.paths.model_dump().items() if Path(path) == error.path]
+        if error.key or not keys:
+            raise
+        raise ForeignOutputError(error.path, keys[0]) from None
+
+
+def check_outputs(params: "Params", dvc_yaml: Path = DVC_YAML) -> None:
+    """Refuse, naming the key, when any stage's declared output folder holds files tlpipe did not write.
+
+    The first stage calls this for the whole graph: `dvc repro` deletes a stage's outputs before
+    running it, so a user's folder at paths.clean would be gone before clean itself could refuse.
+    """
+    if not Path(dvc_yaml).is_file():
+        return  # a library call outside a pipeline repository: atomic_dir still refuses, per output
+    stages = (yaml.safe_load(Path(dvc_yaml).read_text()) or {}).get("stages") or {}
+    paths = params.paths.model_dump()
+    for stage in stages.values():
+        for out in (stage or {}).get("outs") or []:
+            name = next(iter(out)) if isinstance(out, dict) else out
+            key = re.fullmatch(r"\$\{paths\.(\w+)\}", str(name))
+            if key and key[1] in paths and Path(paths[key[1]]).is_dir() and not owned(paths[key[1]]):
+                raise ForeignOutputError(paths[key[1]], key[1])

@@ -35,6 +35,8 @@ def read_csv_manifest(path: Path) -> list[tuple[str, str, str]]:
             raise PipelineError(f"CSV manifest {path} needs a header with columns path,label (and optionally split); "
                                 f"it has {columns}")
         rows = [{k.strip().lower(): (v or "").strip() for k, v in row.items() if k} for row in reader]
+    if not rows:
+        raise PipelineError(f"CSV manifest {path} has a header but no rows; add one line per image (path,label)")
     bad = [i + 2 for i, row in enumerate(rows) if not row.get("path") or not row.get("label")]
     if bad:
         raise PipelineError(f"CSV manifest {path}: line(s) {bad[:5]} lack a path or a label; fill them in or remove "

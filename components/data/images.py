@@ -109,13 +109,16 @@ def list_class_images(root: Path, *, every_file: bool = False) -> list[tuple[str
     root = Path(root)
     found: list[tuple[str, str]] = []
     for label in class_folders(root):
-        for folder, dirs, files in os.walk(root / label):
+        unlisted: list[str] = []
+        for folder, dirs, files in os.walk(root / label, onerror=lambda error: unlisted.append(error.filename)):
             # os.walk does not follow linked folders; listing them lets ingest say so instead of losing them.
             links = [name for name in dirs if every_file and Path(folder, name).is_symlink()]
             for name in [*files, *links]:
                 path = Path(folder, name)
                 if every_file or is_image_name(path):
                     found.append((path.relative_to(root).as_posix(), label))
+        if every_file:  # a folder that cannot be listed is an entry too: ingest quarantines it with its reason
+            found += [(Path(name).relative_to(root).as_posix(), label) for name in unlisted]
     return sorted(found)
 
 

@@ -19,7 +19,6 @@ import os
 import re
 import shutil
 import subprocess
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from components.core.artifacts import write_json, write_text
+from components.core.artifacts import sweep_temporaries, temp_dir, write_json, write_text
 from components.core.config import Params
 from components.data.dataset import Split, load_split
 from components.core.errors import PipelineError
@@ -122,7 +121,8 @@ def _write_release(releases: Path, version: str, files: dict[str, bytes]) -> Pat
     if final.exists():
         raise PipelineError(f"{final} already exists: releases are never overwritten; remove it if it is a leftover")
     releases.mkdir(parents=True, exist_ok=True)
-    temp = Path(tempfile.mkdtemp(prefix=f".{version}.", suffix=".tmp", dir=releases))
+    sweep_temporaries(releases)  # a killed promotion's half-written release, whatever its version
+    temp = temp_dir(final)
     try:
         for name, data in files.items():
             with open(temp / name, "wb") as handle:
