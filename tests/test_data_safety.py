@@ -14,7 +14,7 @@ import pytest
 from components import clean, ingest, validate
 from components.apps.cli import main
 from components.core import artifacts
-from components.core.config import Paths
+from components.core.config import Paths, effective_raw
 from components.core.errors import PipelineError
 from tests.conftest import REPO, shrunk_params, write_class_folders, write_shrunk_params_yaml
 
@@ -28,13 +28,15 @@ FOLDER_OUTPUTS = {
     "transferred_model": "transfer",
     "finetune_checkpoint": "finetune",
     "finetuned_model": "finetune",
+    "explained_errors": "evaluate",
     "onnx_variants": "export",
     "bundle": "export",
 }
 # Folders that are not replaced whole: the production link, releases (one new folder per version,
-# never an existing one) and the training curves (one file per metric, rewritten file by file).
-NOT_REPLACED_WHOLE = {"production", "releases", "training_curves"}
-STAGES = ["ingest", "validate", "clean", "source", "transfer", "finetune", "evaluate", "export"]
+# never an existing one), the training curves (one file per metric, rewritten file by file) and the
+# stages' warnings (one file per stage).
+NOT_REPLACED_WHOLE = {"production", "releases", "training_curves", "warnings"}
+STAGES = ["ingest", "validate", "clean", "source", "transfer", "finetune", "evaluate", "report", "export"]
 
 
 def test_every_folder_output_is_in_the_refusal_table() -> None:
@@ -45,7 +47,7 @@ def test_every_folder_output_is_in_the_refusal_table() -> None:
 def _default(key: str) -> str:
     import yaml
 
-    return yaml.safe_load((REPO / "params.yaml").read_text())["paths"][key]
+    return effective_raw(REPO / "params.yaml")["paths"][key]
 
 
 def _stage(root: Path, name: str, extra: dict[str, object] | None = None) -> int:
@@ -89,9 +91,15 @@ def test_dvc_repro_never_deletes_a_users_folder_at_a_later_stages_output(tmp_pat
     for name in ("components", "flows"):
         shutil.copytree(REPO / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {s: stages[s] for s in STAGES[:3]}}))
+    graph = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"vars": graph["vars"],
+                                                       "stages": {s: stages[s] for s in STAGES[:3]}}))
     folder = _users_folder(tmp_path)
-    write_shrunk_params_yaml(tmp_path / "params.yaml", {"paths.clean": folder.name})
+    # DVC takes the paths from the defaults file dvc.yaml names (a params.yaml may not redefine them):
+    # the user edited it to point paths.clean at their folder.
+    defaults = tmp_path / "components/core/defaults.yaml"
+    defaults.write_text(defaults.read_text().replace("  clean: data/clean", f"  clean: {folder.name}"))
+    write_shrunk_params_yaml(tmp_path / "params.yaml")
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "DVC_NO_ANALYTICS": "1"}
     for command in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "repro"]):

@@ -14,7 +14,7 @@ import onnxruntime as ort
 import pytest
 
 from components import export
-from components.core.artifacts import write_json
+from components.core.artifacts import OWNER_MARKER, write_json
 from components.core.config import Params, with_overrides
 from components.core.errors import PipelineError
 from components.training.models import build_model, load_model_dir, save_model_dir
@@ -76,7 +76,8 @@ def test_export_writes_a_checked_onnx_model_with_its_contract(exported: tuple[Pa
     assert report["size_bytes"] == path.stat().st_size == result.size_bytes
     assert report["onnx_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
     assert report["latency_ms_batch1"] > 0
-    assert report["variants"] == {} and not any(params.paths.onnx_variants.iterdir())
+    assert report["variants"] == {}
+    assert [p.name for p in params.paths.onnx_variants.iterdir()] == [OWNER_MARKER]  # no variant file
     assert str(params.paths.onnx_model) in str(result)
 
 

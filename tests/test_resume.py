@@ -97,7 +97,8 @@ def test_a_killed_finetune_resumes_from_its_last_epoch_and_finishes(tmp_path: Pa
     params, params_yaml = finetune_workspace(tmp_path, extra)
     state_file = params.paths.finetune_checkpoint / "state.json"
     # The JAX backend only because it starts faster than TensorFlow; the checkpoint is backend-neutral.
-    process = start_stage("finetune", params_yaml, {"KERAS_BACKEND": "jax"})
+    # The same backend as this process: a checkpoint resumes only under the backend and precision it was written with.
+    process = start_stage("finetune", params_yaml, {"KERAS_BACKEND": keras.backend.backend()})
     killed_after = 0
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and process.poll() is None:
@@ -132,7 +133,8 @@ def test_a_killed_finetune_resumes_from_its_last_epoch_and_finishes(tmp_path: Pa
     assert [int(row.split("\t")[0]) for row in rows[1:]] == list(range(len(rows) - 1))
     model, classes = load_model_dir(params.paths.finetuned_model)
     assert classes == ("x", "y", "z") and model.output_shape == (None, 3)
-    assert json.loads(state_file.read_text()) == {"fingerprint": state["fingerprint"], "finished": True}
+    finished = json.loads(state_file.read_text())
+    assert (finished["fingerprint"], finished["finished"]) == (state["fingerprint"], True)
 
 
 @pytest.mark.slow  # ~40 s on 2 cores: keeps make test within its 10-minute budget
@@ -157,13 +159,16 @@ FEW_STEPS = {"finetune.min_steps_per_epoch": 0, **NO_AUGMENT}
 
 
 def test_a_small_finetune_killed_with_sigkill_resumes_in_a_new_process(tmp_path: Path) -> None:
-    """kill -9 after the first head epoch's checkpoint; the rerun (this process, TensorFlow) goes on from it."""
+    """kill -9 after the first head epoch's checkpoint; the rerun (this process) goes on from it."""
+    import keras
+
     from components import finetune
 
     extra = {"finetune.head_epochs": 4, "finetune.patience": 4, "finetune.epochs": 0, "finetune.batch_size": 8, **FEW_STEPS}
     params, params_yaml = finetune_workspace(tmp_path, extra)
     state_file = params.paths.finetune_checkpoint / "state.json"
-    process = start_stage("finetune", params_yaml, {"KERAS_BACKEND": "jax"})
+    # The same backend as this process: a checkpoint resumes only under the backend and precision it was written with.
+    process = start_stage("finetune", params_yaml, {"KERAS_BACKEND": keras.backend.backend()})
     killed_after = 0
     deadline = time.monotonic() + 240
     try:
@@ -193,7 +198,8 @@ def test_a_small_finetune_killed_with_sigkill_resumes_in_a_new_process(tmp_path:
     assert report["resumed"] is True and head["resumed_from_epoch"] == state["epoch"]
     assert head["epochs_run"] == len(head["val_accuracy"]) == 4
     assert load_model_dir(params.paths.finetuned_model)[1] == TEXTURES
-    assert json.loads(state_file.read_text()) == {"fingerprint": state["fingerprint"], "finished": True}
+    finished = json.loads(state_file.read_text())
+    assert (finished["fingerprint"], finished["finished"]) == (state["fingerprint"], True)
 
 
 def test_a_small_rerun_with_the_same_seed_gives_the_same_numbers(tmp_path: Path) -> None:

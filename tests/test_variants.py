@@ -10,8 +10,8 @@ import onnxruntime as ort
 import pytest
 
 from components import export
+from components.core.artifacts import OWNER_MARKER, write_json
 from components.deploy import variants
-from components.core.artifacts import write_json
 from components.core.config import Params
 from components.data.dataset import load_split
 from tests.conftest import shrunk_params, write_clean_dataset
@@ -51,7 +51,7 @@ def test_variants_within_their_bounds_are_written_and_reported(exported: tuple[P
     assert int8["accepted"], int8["reason"]
     assert int8["accuracy_drop"] <= params.export.int8_max_accuracy_drop == 0.01
     assert int8["calibration_images"] == 3 * 8  # the validation split, never the test images
-    assert sorted(p.name for p in params.paths.onnx_variants.iterdir()) == ["int8.onnx", "optimized.onnx"]
+    assert sorted(p.name for p in params.paths.onnx_variants.iterdir()) == [OWNER_MARKER, "int8.onnx", "optimized.onnx"]
 
     for name in ("optimized", "int8"):
         path = params.paths.onnx_variants / f"{name}.onnx"

@@ -75,19 +75,33 @@ def run_stage(name: str, params: "Params") -> Any:
         raise ForeignOutputError(error.path, keys[0]) from None
 
 
+def _dvc_paths(graph: dict, dvc_yaml: Path) -> dict[str, str]:
+    """The `paths:` values dvc.yaml's `vars:` files give DVC (relative to dvc.yaml's folder)."""
+    found: dict[str, str] = {}
+    for source in graph.get("vars") or []:
+        file, _, key = str(source).partition(":") if isinstance(source, str) else ("", "", "")
+        path = Path(dvc_yaml).parent / file
+        if key == "paths" and path.is_file():
+            found.update({k: str(Path(dvc_yaml).parent / v)
+                          for k, v in ((yaml.safe_load(path.read_text()) or {}).get("paths") or {}).items()})
+    return found
+
+
 def check_outputs(params: "Params", dvc_yaml: Path = DVC_YAML) -> None:
     """Refuse, naming the key, when any stage's declared output folder holds files tlpipe did not write.
 
     The first stage calls this for the whole graph: `dvc repro` deletes a stage's outputs before
     running it, so a user's folder at paths.clean would be gone before clean itself could refuse.
+    Both where the stages write (params) and where DVC will delete (dvc.yaml's vars) are checked.
     """
     if not Path(dvc_yaml).is_file():
         return  # a library call outside a pipeline repository: atomic_dir still refuses, per output
-    stages = (yaml.safe_load(Path(dvc_yaml).read_text()) or {}).get("stages") or {}
-    paths = params.paths.model_dump()
-    for stage in stages.values():
+    graph = yaml.safe_load(Path(dvc_yaml).read_text()) or {}
+    ours, dvcs = params.paths.model_dump(), _dvc_paths(graph, Path(dvc_yaml))
+    for stage in (graph.get("stages") or {}).values():
         for out in (stage or {}).get("outs") or []:
             name = next(iter(out)) if isinstance(out, dict) else out
             key = re.fullmatch(r"\$\{paths\.(\w+)\}", str(name))
-            if key and key[1] in paths and Path(paths[key[1]]).is_dir() and not owned(paths[key[1]]):
-                raise ForeignOutputError(paths[key[1]], key[1])
+            for candidate in (ours.get(key[1]), dvcs.get(key[1])) if key else ():
+                if candidate and Path(candidate).is_dir() and not owned(candidate):
+                    raise ForeignOutputError(candidate, key[1])
