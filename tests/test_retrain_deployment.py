@@ -96,6 +96,9 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_shrunk_params_yaml(root / "params.yaml", END_TO_END)
     _run(["git", "init", "-q"], root)
     _run(["dvc", "init", "-q"], root)
+    # The project's DVC settings, as a clone has them (the offline plots page among them).
+    shutil.copy(REPO / ".dvc/config", root / ".dvc/config")
+    shutil.copytree(REPO / ".dvc/plots", root / ".dvc/plots")
     _run(["git", "add", "-A"], root)
     _run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "init"], root)
     return root
@@ -351,8 +354,9 @@ def test_the_reports_read_back_through_dvc_and_tlpipe_summary(repo: Path, runs: 
     shown = _run(["dvc", "plots", "show", "-o", "plots_html"], repo).stdout
     assert "plots_html/index.html" in shown
     page = (repo / "plots_html/index.html").read_text()
-    assert "reports/confusion.csv" in page and "confusion.png" in page
-    assert "finetune/plots/metrics/val_accuracy.tsv" in page, "the training curves are plotted"
+    assert "cdn.jsdelivr.net" not in page, "the page renders offline"
+    assert "target test split (rows actual, columns predicted)" in page and "confusion.png" in page
+    assert "finetune accuracy (train and validation)" in page, "the training curves are plotted"
 
     text = _run([str(BIN / "tlpipe"), "summary"], repo).stdout
     assert f"target test accuracy {metrics['accuracy']:.4g}, macro F1 {metrics['macro_f1']:.4g}" in text
