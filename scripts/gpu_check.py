@@ -5,7 +5,7 @@ Run through scripts/gpu_check.sh (the one documented command). Two steps:
 - `prepare`, here, in the project's .venv: downloads the few wheels the fine-tune stage needs beyond
   JAX and numpy (versions from requirements.lock) into .whl/, and runs the real stages into
   .cache/gpu_check/: the default pipeline up to `transfer` (digits at 16 px, the small transferred
-  model) and `clean` again at 224 px RGB. About 20 MB of wheels and 30 MB of data: both travel.
+  model) and `clean` again at 224 px RGB. About 20 MiB of wheels and 25 MiB of data: both travel.
 - `run`, on the GPU host: unpacks the wheels into .cache/gpu_check_runs/ (no pip, no network), then
   1. fine-tunes the carried default model exactly as `dvc repro` would (precision auto: bf16 on a GPU);
   2. for each backbone at 224 px: the fine-tune stage, then a plain `model.fit` of the same model on

@@ -4,7 +4,7 @@
 # images/second against a plain model.fit at 224 px (MobileNetV3, ResNet50, bf16). See
 # scripts/gpu_check.py for what each step does.
 #
-#   scripts/gpu_check.sh prepare     here, once: .whl/ (wheels) and .cache/gpu_check/ (data), about 30 MB
+#   scripts/gpu_check.sh prepare     here, once: .whl/ (wheels) and .cache/gpu_check/ (data), about 45 MiB
 #   scripts/gpu_check.sh             on the GPU host, with .whl and .cache/gpu_check carried
 #   scripts/gpu_check.sh run --backbones mobilenet_v3_small --image-size 32 --batch-size 8 --steps 3 \
 #       --epochs 2 --default-epochs 2     tiny, on a CPU (PYTHON=... picks the interpreter)
