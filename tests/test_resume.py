@@ -70,6 +70,27 @@ def start_stage(name: str, params_yaml: Path, env: dict[str, str] | None = None,
                             text=True)
 
 
+def kill_after_epoch(process: subprocess.Popen, state_file: Path, epoch: int, within: float = 240) -> tuple[int, str]:
+    """SIGKILL `process` once its checkpoint (state_file) records `epoch`; (the epoch seen, its output)."""
+    killed_after = 0
+    deadline = time.monotonic() + within
+    try:
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                killed_after = json.loads(state_file.read_text()).get("epoch", 0)
+            except (FileNotFoundError, json.JSONDecodeError):  # not written yet, or replaced under us
+                killed_after = 0
+            if killed_after >= epoch:
+                process.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.02)
+    finally:
+        if process.poll() is None and killed_after < epoch:  # the deadline passed: stop it, the caller fails
+            process.kill()
+        output, _ = process.communicate(timeout=30)
+    return killed_after, output or ""
+
+
 def run_stage(name: str, params_yaml: Path, env: dict[str, str] | None = None, timeout: float = 300,
               command: list[str] | None = None) -> str:
     process = start_stage(name, params_yaml, env, command)
@@ -96,23 +117,9 @@ def test_a_killed_finetune_resumes_from_its_last_epoch_and_finishes(tmp_path: Pa
              "finetune.batch_size": 8, **NO_AUGMENT}
     params, params_yaml = finetune_workspace(tmp_path, extra)
     state_file = params.paths.finetune_checkpoint / "state.json"
-    # The JAX backend only because it starts faster than TensorFlow; the checkpoint is backend-neutral.
-    # The same backend as this process: a checkpoint resumes only under the backend and precision it was written with.
-    process = start_stage("finetune", params_yaml, {"KERAS_BACKEND": keras.backend.backend()})
-    killed_after = 0
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            killed_after = json.loads(state_file.read_text()).get("epoch", 0)
-        except (FileNotFoundError, json.JSONDecodeError):  # not written yet, or replaced under us
-            killed_after = 0
-        if killed_after >= 2:
-            process.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.02)
-    if process.poll() is None:  # the deadline passed: stop it, then fail below
-        process.kill()
-    process.communicate(timeout=30)
+    # JAX for both runs: it starts faster than TensorFlow, and a checkpoint resumes only under its own backend.
+    process = start_stage("finetune", params_yaml, {"KERAS_BACKEND": "jax"})
+    killed_after, _ = kill_after_epoch(process, state_file, 2)
     assert killed_after >= 2, "no checkpoint of epoch 2 within the deadline"
     assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed mid-training"
     assert not params.paths.finetuned_model.exists(), "a killed run left a fine-tuned model behind"
@@ -169,22 +176,7 @@ def test_a_small_finetune_killed_with_sigkill_resumes_in_a_new_process(tmp_path:
     state_file = params.paths.finetune_checkpoint / "state.json"
     # The same backend as this process: a checkpoint resumes only under the backend and precision it was written with.
     process = start_stage("finetune", params_yaml, {"KERAS_BACKEND": keras.backend.backend()})
-    killed_after = 0
-    deadline = time.monotonic() + 240
-    try:
-        while time.monotonic() < deadline and process.poll() is None:
-            try:
-                killed_after = json.loads(state_file.read_text()).get("epoch", 0)
-            except (FileNotFoundError, json.JSONDecodeError):  # not written yet, or replaced under us
-                killed_after = 0
-            if killed_after >= 1:
-                process.send_signal(signal.SIGKILL)
-                break
-            time.sleep(0.02)
-    finally:
-        if process.poll() is None and killed_after < 1:
-            process.kill()
-        output, _ = process.communicate(timeout=30)
+    killed_after, output = kill_after_epoch(process, state_file, 1)
     assert killed_after >= 1, f"no checkpoint of epoch 1 within the deadline:\n{output[-2000:]}"
     assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed mid-training"
     assert not params.paths.finetuned_model.exists()
