@@ -23,7 +23,7 @@ import numpy as np
 from components.core.artifacts import atomic_dir, write_json, write_text
 from components.core.config import Params
 from components.core.errors import PipelineError
-from components.ingest import assigned_splits
+from components.data.raw_record import assigned_splits
 from components.data.dataset import SplitWriter
 from components.data.images import MANIFEST_COLUMNS, TASKS, class_folders, list_class_images, load_normalized, workers_for
 

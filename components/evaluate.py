@@ -17,6 +17,7 @@ from components.core.artifacts import atomic_path, write_json, write_text
 from components.core.config import Params
 from components.data.dataset import load_split
 from components.core.errors import PipelineError
+from components.core.metrics import compute_metrics
 
 log = logging.getLogger(__name__)
 
@@ -30,28 +31,6 @@ class EvaluateResult:
     def __str__(self) -> str:
         verdict = "gates passed" if self.passed else "gates FAILED"
         return f"test accuracy {self.accuracy:.4f}, macro F1 {self.macro_f1:.4f}, {verdict}"
-
-
-def compute_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: tuple[str, ...]) -> dict:
-    from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
-
-    labels = list(range(len(classes)))
-    precision, recall, f1, support = precision_recall_fscore_support(
-        y_true, y_pred, labels=labels, zero_division=0
-    )
-    return {
-        "accuracy": round(float(accuracy_score(y_true, y_pred)), 6),
-        "macro_precision": round(float(precision.mean()), 6),
-        "macro_recall": round(float(recall.mean()), 6),
-        "macro_f1": round(float(f1.mean()), 6),
-        "test_images": int(len(y_true)),
-        "per_class": {
-            name: {"precision": round(float(p), 6), "recall": round(float(r), 6), "f1": round(float(f), 6),
-                   "support": int(s)}
-            for name, p, r, f, s in zip(classes, precision, recall, f1, support)
-        },
-        "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
-    }
 
 
 def apply_gates(metrics: dict, params: Params, gain: dict | None = None) -> dict:

@@ -14,14 +14,13 @@ from dataclasses import asdict, dataclass
 import keras
 
 from components.core.artifacts import write_json
-from components.core.config import FinetuneParams, Params
+from components.core.config import Params
 from components.data.dataset import Split, load_split
 from components.training.models import (
     BACKBONE_NAME, MODEL_FILE, keep_batchnorm_inference, load_model_dir, save_model_dir,
 )
 from components.training.trainer import (
-    Augment, Checkpoint, Curves, FitResult, Recipe, accelerators, data_parallel, evaluate, fit,
-    prepare_backend, with_precision,
+    Checkpoint, Curves, FitResult, accelerators, data_parallel, evaluate, fit, prepare_backend, recipe, with_precision,
 )
 
 log = logging.getLogger(__name__)
@@ -34,18 +33,6 @@ class FinetuneResult:
 
     def __str__(self) -> str:
         return f"best val accuracy {self.val_accuracy:.4f} (kept the {self.kept_phase} weights)"
-
-
-def recipe(cfg: FinetuneParams) -> Recipe:
-    return Recipe(
-        warmup_epochs=cfg.warmup_epochs,
-        cosine_decay=cfg.cosine_decay,
-        label_smoothing=cfg.label_smoothing,
-        class_weight=cfg.class_weight == "balanced",
-        augment=Augment(cfg.augment_flip, cfg.augment_rotation, cfg.augment_zoom, cfg.augment_contrast),
-        jit_compile=cfg.jit_compile,
-        min_steps_per_epoch=cfg.min_steps_per_epoch,
-    )
 
 
 def unfreeze_top(model: keras.Model, count: int) -> list[str]:

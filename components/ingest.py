@@ -15,6 +15,7 @@ from components.core.artifacts import atomic_dir, read_json, write_json
 from components.core.config import Params
 from components.core.errors import PipelineError
 from components.core.graph import check_outputs
+from components.data.raw_record import FINGERPRINT_FILE
 from components.data.csv_manifest import is_csv_manifest, read_csv_manifest
 from components.data.images import TASKS, class_folders, list_class_images, sha256_file
 
@@ -24,7 +25,6 @@ log = logging.getLogger(__name__)
 INGEST_VERSION = 2
 # Inside paths.raw, versioned with it: what ingest wrote (counts, rejected files, CSV splits, a
 # content digest), never where from or when, so the same images give the same DVC hash anywhere.
-FINGERPRINT_FILE = ".ingest.json"
 DIGIT_CLASSES = range(10)
 
 
@@ -239,20 +239,6 @@ def _copy_csv(csv_path: Path, out: Path) -> tuple[list[dict[str, str]], dict[str
         elif split:
             splits[rel] = split
     return rejected, splits
-
-
-def rejected_files(raw: Path) -> dict[str, list[dict[str, str]]]:
-    """Per task, the user's files ingest could not copy into `raw` ({path, label, reason}), as it recorded them."""
-    record = read_json(raw / FINGERPRINT_FILE) if (raw / FINGERPRINT_FILE).is_file() else {}
-    rejected = record.get("rejected") if isinstance(record, dict) else None
-    return {task: list((rejected or {}).get(task, [])) for task in TASKS}
-
-
-def assigned_splits(raw: Path) -> dict[str, str]:
-    """{manifest path ("<task>/<label>/..."): split} for the files a CSV manifest assigned a split to."""
-    record = read_json(raw / FINGERPRINT_FILE) if (raw / FINGERPRINT_FILE).is_file() else {}
-    splits = record.get("splits") if isinstance(record, dict) else None
-    return {f"{task}/{rel}": split for task in TASKS for rel, split in ((splits or {}).get(task) or {}).items()}
 
 
 def run(params: Params) -> IngestResult:

@@ -16,7 +16,7 @@ from components.data.drift import check_drift
 from components.core.errors import PipelineError
 from components.data.expectations import run_suites, summarize
 from components.data.images import MANIFEST_COLUMNS, STAT_COLUMNS, TASKS, class_folders, inspect_image, list_class_images
-from components.ingest import rejected_files
+from components.data.raw_record import rejected_files
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -262,3 +262,29 @@ def test_an_unknown_params_key_fails_fast_naming_it(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "unknown key 'validate.min_images_per_clas'" in result.stderr
     assert sorted(path.name for path in tmp_path.iterdir()) == ["bad.yaml"], "no work before the params are checked"
+
+
+STAGE_MODULES = {f"components.{name}" for name in STAGES}
+LIBRARIES = ("core", "data", "training", "deploy")
+
+
+def test_no_stage_or_library_imports_a_stage() -> None:
+    """Shared contracts live in libraries: a stage module imports only libraries, never another stage."""
+    found = {}
+    for path in [*(REPO / "components").glob("*.py"), *(f for lib in LIBRARIES for f in (REPO / "components" / lib).rglob("*.py"))]:
+        own = f"components.{path.stem}"
+        upward = sorted(imported_modules(path) & STAGE_MODULES - {own})
+        if upward:
+            found[str(path.relative_to(REPO))] = upward
+    assert found == {}, f"move what these import into a library: {found}"
+
+
+def test_only_the_applications_import_the_cli_and_the_flows() -> None:
+    found = {}
+    for path in (REPO / "components").rglob("*.py"):
+        if (REPO / "components" / "apps") in path.parents or path.name == "__main__.py":  # entry points
+            continue
+        wrong = sorted(n for n in imported_modules(path) if n.startswith(("components.apps", "flows")))
+        if wrong:
+            found[str(path.relative_to(REPO))] = wrong
+    assert found == {}

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from components import ingest
+from components.data import raw_record
 from components.core.config import Params
 from components.core.errors import PipelineError
 from tests.conftest import shrunk_params, write_class_folders
@@ -116,7 +117,7 @@ def test_a_csv_manifest_labels_files_and_its_bad_rows_are_recorded(tmp_path: Pat
     assert copied == ["cat/all/all_0000.png", "cat/all/all_0001.png", "dog/all/all_0000.png",
                       "dog/all/all_0002.png", "dog/all/all_0003.png"]
     assert result.images["target"] == 5 and result.classes["target"] == 2
-    assert ingest.rejected_files(params.paths.raw)["target"] == [
+    assert raw_record.rejected_files(params.paths.raw)["target"] == [
         {"path": "dog/all/gone.png", "label": "dog", "reason": "unreadable: listed in the CSV manifest but not found"},
         {"path": "cat/outside.png", "label": "cat",
          "reason": "manifest path escapes the data root (the folder of labels.csv)"},
@@ -161,7 +162,7 @@ def test_the_same_images_keep_data_raw_as_it_is_wherever_they_come_from(tmp_path
 def test_a_checked_out_older_tree_is_noticed_under_an_unchanged_fingerprint(params: Params) -> None:
     ingest.run(params)
     raw = params.paths.raw
-    record = raw / ingest.FINGERPRINT_FILE
+    record = raw / raw_record.FINGERPRINT_FILE
     # What `dvc checkout` of another version looks like: other files and record, same inputs.
     victim = next((raw / "target" / "7").glob("*.png"))
     victim.unlink()

@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 
 from components import clean, ingest, validate
+from components.data import raw_record
 from components.core.config import Params
 from components.core.errors import PipelineError
 from tests.conftest import REPO, clean_images, shrunk_params, write_class_folders, write_shrunk_params_yaml
@@ -205,7 +206,7 @@ def test_files_and_folders_nobody_may_read_are_quarantined_with_their_reason(ope
     folder = "unreadable: folder cannot be listed (permission denied); its files were not copied"
 
     _ingest_with_permissions_checked(params, open_workspace)
-    assert {r["path"]: r["reason"] for r in ingest.rejected_files(params.paths.raw)["target"]} == {
+    assert {r["path"]: r["reason"] for r in raw_record.rejected_files(params.paths.raw)["target"]} == {
         "a/locked.png": "unreadable: permission denied", "b/2024": folder, "c": folder}
     with pytest.raises(PipelineError, match=r"class 'c' of target has 0 usable images"):
         validate.run(params)

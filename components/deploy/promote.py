@@ -32,7 +32,7 @@ from components.core.artifacts import sweep_temporaries, temp_dir, write_json, w
 from components.core.config import Params
 from components.data.dataset import Split, load_split
 from components.core.errors import PipelineError
-from components.evaluate import compute_metrics
+from components.core.metrics import compute_metrics
 from components.data.images import sha256_file
 from components.deploy.predict import OnnxModel
 

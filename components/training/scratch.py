@@ -13,9 +13,8 @@ import keras
 
 from components.core.config import Params
 from components.data.dataset import load_split
-from components.finetune import recipe
 from components.training.models import build_model
-from components.training.trainer import FitResult, accuracy, fit
+from components.training.trainer import FitResult, accuracy, fit, recipe
 
 log = logging.getLogger(__name__)
 

@@ -23,6 +23,7 @@ import keras
 import numpy as np
 
 from components.core.artifacts import atomic_dir, write_text
+from components.core.config import FinetuneParams
 from components.data.dataset import Split
 from components.data.stream import TrainFeed, predict, replicas
 
@@ -59,6 +60,19 @@ class Recipe:
     # A tiny train split (5 labels per class) is one step per epoch, too few for a schedule to mean
     # anything: it is repeated (augmented afresh each time) until an epoch has this many steps.
     min_steps_per_epoch: int = 0
+
+
+def recipe(cfg: FinetuneParams) -> Recipe:
+    """The fine-tuning recipe params.yaml sets (finetune section): shared by the stage and the baseline."""
+    return Recipe(
+        warmup_epochs=cfg.warmup_epochs,
+        cosine_decay=cfg.cosine_decay,
+        label_smoothing=cfg.label_smoothing,
+        class_weight=cfg.class_weight == "balanced",
+        augment=Augment(cfg.augment_flip, cfg.augment_rotation, cfg.augment_zoom, cfg.augment_contrast),
+        jit_compile=cfg.jit_compile,
+        min_steps_per_epoch=cfg.min_steps_per_epoch,
+    )
 
 
 @dataclass(frozen=True)
