@@ -147,7 +147,7 @@ def test_outputs_tlpipe_wrote_are_replaced_and_an_older_unmarked_one_is_named_wi
     assert (params.paths.raw / "target" / "5" / "extra.png").is_file()
 
 
-def _kill_clean_midway(params_yaml: Path, at: str) -> None:
+def _kill_clean_midway(params_yaml: Path, at: str) -> int:
     """Run the real clean stage in a child and `kill -9` it at `at`: "tmp" while the new folder is
     still a temporary, "old" between the swap and the removal of the previous output."""
     code = f"""
@@ -161,7 +161,8 @@ def replace(src, dst):
         wait_for_the_kill()
     return real_replace(src, dst)
 def rmtree(path, *args, **kwargs):
-    if {at!r} == "old" and str(path).endswith(".old"):
+    # Only this run's own .old folder: the sweep of an earlier run's leftovers (same suffix) must go on.
+    if {at!r} == "old" and str(path).endswith(".old") and f".{{os.getpid()}}-" in os.path.basename(str(path)):
         wait_for_the_kill()
     return real_rmtree(path, *args, **kwargs)
 os.replace, shutil.rmtree = replace, rmtree
@@ -177,6 +178,7 @@ sys.exit(main(["stage", "clean", "--params", {str(params_yaml)!r}]))
         child.kill()
         child.wait(timeout=60)
     assert child.returncode == -signal.SIGKILL
+    return child.pid
 
 
 def test_temporaries_of_a_killed_clean_are_swept_by_the_next_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -188,10 +190,12 @@ def test_temporaries_of_a_killed_clean_are_swept_by_the_next_run(tmp_path: Path,
     def left() -> list[str]:
         return sorted(p.name.rsplit(".", 1)[-1] for p in data.iterdir() if p.name.startswith(".clean."))
 
-    _kill_clean_midway(tmp_path / "params.yaml", "tmp")
+    first = _kill_clean_midway(tmp_path / "params.yaml", "old")
+    assert left() == ["old"]  # killed after the swap, while removing the previous output
+    second = _kill_clean_midway(tmp_path / "params.yaml", "tmp")
     assert left() == ["old", "tmp"]  # killed between moving the old folder aside and moving the new one in
-    _kill_clean_midway(tmp_path / "params.yaml", "old")
-    assert left() == ["old"]  # that run removed the first one's temporary before it was killed itself
+    # ...and both are the second run's own: it removed the first run's leftover before it was killed.
+    assert all(f".{second}-" in p.name for p in data.iterdir() if p.name.startswith(".clean.")), (first, second)
     live = data / f".clean.{os.getppid()}-abcdefgh.tmp"  # a writer that still runs: not ours to remove
     live.mkdir()
 
