@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.conftest import stop_process
+
 CHROMIUM = "chromium"
 
 
@@ -56,12 +58,7 @@ def visit(page: Path, expression: str, screenshot: bool = False, width: int = 12
         with connect(target["webSocketDebuggerUrl"], max_size=None, open_timeout=30) as socket:
             return _drive(socket, page, expression, screenshot, width, deadline)
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
         shutil.rmtree(profile, ignore_errors=True)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -155,6 +156,16 @@ def file_server(tmp_path: Path):
         server.server_close()
 
 
+def stop_process(process: subprocess.Popen, grace: float = 30) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within `grace` seconds: no test leaves a process behind."""
+    process.terminate()
+    try:
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 def write_shrunk_params_yaml(dest: Path, extra: dict[str, object] | None = None) -> Path:
     """params.yaml as the repository has it (only what it changes), with the SHRINK overrides added."""
     import yaml
@@ -214,7 +225,6 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory):
 
     Buckets are per test: create them with boto3 against the endpoint (any credentials work).
     """
-    import subprocess
     import sys
     import time
     import urllib.request
@@ -242,10 +252,5 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory):
                 time.sleep(0.2)
         yield endpoint
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop_process(server, grace=10)
         log.close()
