@@ -20,6 +20,7 @@ import onnxruntime as ort
 
 from components.core.errors import PipelineError
 from components.data.images import load_normalized
+from components.deploy import onnx_runtime
 
 
 class OnnxModel:
@@ -29,16 +30,7 @@ class OnnxModel:
         path = Path(path)
         if not path.is_file():
             raise PipelineError(f"{path}: model not found; export one with `tlpipe stage export` (models/model.onnx)")
-        options = ort.SessionOptions()
-        # Idle intra-op threads would otherwise spin for a while after each call, taking the CPU
-        # from image decoding and, in the server, from the event loop between batches.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        try:
-            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        except Exception as error:  # onnxruntime's load errors share no useful base class
-            raise PipelineError(
-                f"{path}: not a readable ONNX model ({error}); pass the .onnx file the export stage wrote"
-            ) from None
+        self.session = onnx_runtime.session(path)
         meta = self.session.get_modelmeta().custom_metadata_map
         self.preprocessing: str = meta.get("preprocessing", "")
         try:
@@ -53,6 +45,10 @@ class OnnxModel:
         self.input_spec: dict[str, object] = spec
         self.input_name, self.size, self.channels = _check_metadata(self.session, labels, spec, path)
         self.pil_mode = "L" if self.channels == 1 else "RGB"
+
+    def probabilities(self, pixels: np.ndarray) -> np.ndarray:
+        """(N, labels) class probabilities for a batch of (N, H, W, C) uint8 images."""
+        return onnx_runtime.run(self.session, pixels)
 
     def pixels(self, path: Path) -> np.ndarray:
         """(1, H, W, C) uint8: the file as the clean stage would have stored it."""
@@ -104,7 +100,7 @@ def _check_metadata(session: ort.InferenceSession, labels: object, spec: object,
         raise refuse(f"the graph's input is {node.shape[1]}x{node.shape[2]}, the metadata's image_size is {size}")
     # One real call on a blank image: what the graph answers must be one probability per label.
     try:
-        output = session.run(None, {name: np.zeros((1, size, size, channels), dtype=np.uint8)})[0]
+        output = onnx_runtime.run(session, np.zeros((1, size, size, channels), dtype=np.uint8))
     except Exception as error:  # onnxruntime's run errors share no useful base class
         raise refuse(
             f"the graph fails on a {size}x{size}x{channels} image as the metadata describes ({error})"
@@ -129,7 +125,7 @@ def predict_files(model_path: Path, images: list[Path], top_k: int = 1) -> list[
     k = min(top_k, len(model.labels))
     answers = []
     for path in map(Path, images):
-        probabilities = model.session.run(None, {model.input_name: model.pixels(path)})[0][0]
+        probabilities = model.probabilities(model.pixels(path))[0]
         ranked = [{"label": model.labels[i], "probability": float(probabilities[i])}
                   for i in top_indices(probabilities, k)]
         answers.append({"image": str(path), "top_k": ranked})

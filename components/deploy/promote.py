@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import yaml
 
 from components.core.artifacts import sweep_temporaries, temp_dir, write_json, write_text
@@ -34,6 +33,7 @@ from components.data.dataset import Split, load_split
 from components.core.errors import PipelineError
 from components.core.metrics import compute_metrics
 from components.data.images import sha256_file
+from components.deploy import onnx_runtime
 from components.deploy.predict import OnnxModel
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ class PromotionResult:
 def score(model_path: Path, test: Split) -> dict[str, Any]:
     """The model's metrics on the split through onnxruntime (what serving runs), plus its sha256 and labels."""
     model = OnnxModel(model_path)
-    probabilities = np.concatenate([model.session.run(None, {model.input_name: x})[0] for x, _ in test.batches(256)])
+    probabilities = onnx_runtime.predict_split(model.session, test)
     metrics = compute_metrics(test.y, probabilities.argmax(axis=1), test.classes)
     return {
         "path": str(model_path),
