@@ -24,9 +24,10 @@ import onnxruntime as ort
 import tensorflow as tf
 import tf2onnx
 
-from components.deploy import variants
+from components.deploy import onnx_runtime, variants
 from components.core.artifacts import atomic_dir, read_json, write_bytes, write_json
 from components.deploy.bundle import write_bundle
+from components.deploy.variant_registry import VARIANTS
 from components.core.config import Params
 from components.data.dataset import Split, load_split
 from components.core.errors import PipelineError
@@ -157,7 +158,7 @@ def _parity(model: keras.Model, session: ort.InferenceSession, batches: list[np.
     diffs, agree, count = [], 0, 0
     for x in batches:
         expected = model.predict(x, verbose=0)
-        actual = session.run(None, {INPUT_NAME: x})[0]
+        actual = onnx_runtime.run(session, x)
         if actual.shape != expected.shape:
             raise PipelineError(f"ONNX output shape {actual.shape} != Keras {expected.shape} for input {x.shape}")
         diffs.append(float(np.max(np.abs(actual.astype(np.float64) - expected))))
@@ -169,13 +170,11 @@ def _parity(model: keras.Model, session: ort.InferenceSession, batches: list[np.
 def _variants(params: Params, data: bytes, test: Split) -> dict[str, dict[str, object]]:
     """Build and gate the optimized variants into paths.onnx_variants (accepted ones only); their report."""
     settings = params.export
-    calibration = np.zeros((0,), dtype=np.uint8)
-    if "int8" in settings.variants:
+    calibration = None
+    if any(VARIANTS[name].needs_calibration for name in settings.variants):
         val = load_split(params.paths.clean, "target", "val")  # calibration never sees the test images
         calibration = val.images(np.arange(min(settings.calibration_images, len(val))))  # bounded by the setting
-    built = variants.build(
-        tuple(settings.variants), data, calibration, test, settings.max_abs_diff, settings.int8_max_accuracy_drop
-    )
+    built = variants.build(tuple(settings.variants), data, test, settings, calibration)
     with atomic_dir(params.paths.onnx_variants) as folder:
         for variant in built:
             if variant.accepted:
@@ -239,7 +238,7 @@ def run(params: Params) -> ExportResult:
     x = test.images(test.spread(settings.parity_images))
     fy, fx = OTHER_SIZE_FACTORS
     other = np.repeat(np.repeat(x[:OTHER_SIZE_IMAGES], fy, axis=1), fx, axis=2)
-    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    session = onnx_runtime.session(data)
     max_abs_diff, top1, checked = _parity(model, session, [x, other])
     log.info("parity: max |onnx - keras| %.2e, top-1 agreement %.1f%% on %d images", max_abs_diff, 100 * top1, checked)
     if not max_abs_diff <= settings.max_abs_diff:  # also catches NaN

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -78,20 +79,39 @@ def test_int8_beyond_the_accuracy_bound_is_refused(exported: tuple[Params, dict]
     test = load_split(params.paths.clean, "target", "test")
     # Calibrated on blank images, the activation ranges miss what real images produce: int8 saturates.
     blank = np.zeros((16, 16, 16, 1), dtype=np.uint8)
-    refused = variants.int8(reference, blank, test, max_accuracy_drop=0.01)
+    bound = params.export.model_copy(update={"int8_max_accuracy_drop": 0.01})
+    refused = variants.int8(reference, test, bound, blank)
     assert not refused.accepted
     assert refused.report["accuracy_drop"] > 0.01
     assert "beyond export.int8_max_accuracy_drop 0.01" in refused.reason
 
     # The same variant passes once the bound allows its drop: the gate, not the build, decided.
-    allowed = variants.int8(reference, blank, test, max_accuracy_drop=refused.report["accuracy_drop"])
+    looser = params.export.model_copy(update={"int8_max_accuracy_drop": refused.report["accuracy_drop"]})
+    allowed = variants.int8(reference, test, looser, blank)
     assert allowed.accepted
 
 
-def test_unknown_variant_is_an_error_naming_the_choices(exported: tuple[Params, dict]) -> None:
+def test_unknown_variant_is_an_error_naming_the_choices(exported: tuple[Params, dict], tmp_path: Path) -> None:
+    """A name the registry lacks never builds another variant: params refuse it, and so does build()."""
+    from components.core.config import load_params
     from components.core.errors import PipelineError
 
     params, _ = exported
+    (tmp_path / "params.yaml").write_text("export:\n  variants: [optimized, fp8]\n")
+    with pytest.raises(PipelineError, match=r"export\.variants\.1.*'optimized' or 'int8'"):
+        load_params(tmp_path / "params.yaml")
+
     test = load_split(params.paths.clean, "target", "test")
-    with pytest.raises(PipelineError, match="unknown export.variants.*optimized"):
-        variants.build(("fp8",), params.paths.onnx_model.read_bytes(), test.images(np.arange(len(test))), test, 1e-4, 0.01)
+    with pytest.raises(PipelineError, match=r"unknown export.variants \['fp8'\]: choose from \['optimized', 'int8'\]"):
+        variants.build(("fp8",), params.paths.onnx_model.read_bytes(), test, params.export, None)
+
+
+def test_every_registered_variant_names_a_builder_taking_the_common_arguments() -> None:
+    import inspect
+
+    from components.deploy.variant_registry import VARIANTS
+
+    for name, kind in VARIANTS.items():
+        build_one = variants.builder(name)
+        assert build_one.__name__ == kind.builder
+        assert list(inspect.signature(build_one).parameters) == ["reference", "test", "settings", "calibration"]

@@ -20,7 +20,8 @@ from components.core.config import effective_raw, shipped_defaults
 from components.core.errors import PipelineError
 from components.data.csv_manifest import is_csv_manifest
 from components.data.images import list_class_images
-from components.training.download import IMAGENET_FILES, cache_dir_from
+from components.training.backbones import BACKBONES
+from components.training.download import cache_dir_from, imagenet_cache_path, imagenet_weights
 
 # Images per class that make a validation (and test) split worth early stopping and gates on.
 MIN_SPLIT_IMAGES = 5
@@ -83,8 +84,7 @@ def inspect_folder(path: Path) -> Folder:
 
 def _pretrained_weights(defaults: dict[str, Any]) -> Path:
     """Where the pretrained backbone's ImageNet weights must lie for an offline run."""
-    cache = cache_dir_from(defaults["source"]["cache_dir"])
-    return cache / "imagenet" / Path(IMAGENET_FILES[PRETRAINED][0]).name
+    return imagenet_cache_path(PRETRAINED, cache_dir_from(defaults["source"]["cache_dir"]))
 
 
 def choose(source: Folder, target: Folder, root: Path) -> tuple[dict[str, Any], list[str]]:
@@ -114,7 +114,7 @@ def choose(source: Folder, target: Folder, root: Path) -> tuple[dict[str, Any], 
     cap = SIZES[-1] if pretrained else SCRATCH_MAX_SIZE
     size = min(fitting[-1], cap)
     if pretrained:
-        size = max(size, 32)  # Keras Applications need at least 32 px
+        size = max(size, BACKBONES[PRETRAINED].min_side)
     changes["data"]["image_size"] = size
     why.append(f"data.image_size: {size}: the images' median short side is {side} px"
                + (f"; capped at {cap} px, enough for a CNN trained from scratch on a CPU" if fitting[-1] > cap else ""))
@@ -126,7 +126,7 @@ def choose(source: Folder, target: Folder, root: Path) -> tuple[dict[str, Any], 
                    "then only checks the data, the weights come pretrained")
     else:
         changes["model"]["backbone"] = "simple_cnn"
-        file, md5 = IMAGENET_FILES[PRETRAINED]
+        file, md5 = imagenet_weights(PRETRAINED)
         why.append(f"model.backbone: simple_cnn, trained on the source folder: no pretrained weights at {weights}. "
                    f"For {PRETRAINED}'s ImageNet weights offline, place them once: "
                    f"curl -fL --create-dirs -o {weights} {defaults['source']['mirror'].rstrip('/')}/{file} "

@@ -21,6 +21,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, Vali
 
 from components.core.artifacts import write_text
 from components.core.errors import PipelineError
+from components.deploy.variant_registry import NAMES as VARIANT_NAMES
+from components.training.backbones import NAMES as BACKBONE_NAMES
 
 DEFAULT_PARAMS = Path("params.yaml")
 DEFAULTS = Path(__file__).with_name("defaults.yaml")
@@ -111,7 +113,8 @@ class CleanParams(_Section):
         return self
 
 
-Backbone = Literal["simple_cnn", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_v2_b0", "resnet50", "vgg16"]
+# The allowed names come from the registry (an error lists them): adding a backbone touches only it.
+Backbone = Literal[BACKBONE_NAMES]  # type: ignore[valid-type]
 
 
 class ModelParams(_Section):
@@ -190,7 +193,7 @@ class ExportParams(_Section):
     opset: Int = Field(ge=13)
     max_abs_diff: Float = Field(gt=0)
     parity_images: Int = Field(ge=1)
-    variants: tuple[Literal["optimized", "int8"], ...]
+    variants: tuple[Literal[VARIANT_NAMES], ...]  # type: ignore[valid-type]  # the registry lists them
     int8_max_accuracy_drop: Float = Field(ge=0, le=1)
     calibration_images: Int = Field(ge=1)
 

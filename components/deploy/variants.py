@@ -1,5 +1,8 @@
 """Optimized variants of the exported model, each behind its own gate (written by the export stage).
 
+Each variant of the registry (components.deploy.variant_registry) is built by the function it names
+here, `builder(reference, test, settings, calibration) -> Variant`:
+
 - `optimized`: onnxruntime's offline graph optimization (constant folding, fusions) saved to a file,
   so a server skips that work at load; trusted only at parity <= export.max_abs_diff with the model.
 - `int8`: onnxruntime static quantization (QDQ, int8 weights, uint8 activations), calibrated on the
@@ -15,22 +18,23 @@ import logging
 import statistics
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from components.data.dataset import Split
+from components.core.config import ExportParams
 from components.core.errors import PipelineError
+from components.data.dataset import Split
+from components.deploy import onnx_runtime
+from components.deploy.variant_registry import VARIANTS
 
 log = logging.getLogger(__name__)
 
-VARIANTS = ("optimized", "int8")
 CALIBRATION_BATCH = 16
 LATENCY_REPEATS = 30
 
@@ -44,40 +48,30 @@ class Variant:
     report: dict[str, Any]
 
 
-def _session(data: bytes) -> ort.InferenceSession:
-    return ort.InferenceSession(data, providers=["CPUExecutionProvider"])
-
-
-def _predict(session: ort.InferenceSession, split: Split) -> np.ndarray:
-    """Outputs for every image of the split, read batch by batch from its shards."""
-    name = session.get_inputs()[0].name
-    return np.concatenate([session.run(None, {name: x})[0] for x, _ in split.batches(64)])
-
-
 def latency_ms(data: bytes, image: np.ndarray) -> float:
     """Median batch-1 latency in milliseconds (after a warm-up call) on this machine."""
-    session = _session(data)
-    name = session.get_inputs()[0].name
-    session.run(None, {name: image})
+    session = onnx_runtime.session(data)
+    onnx_runtime.run(session, image)
     times = []
     for _ in range(LATENCY_REPEATS):
         start = time.perf_counter()
-        session.run(None, {name: image})
+        onnx_runtime.run(session, image)
         times.append(time.perf_counter() - start)
     return 1000 * statistics.median(times)
 
 
-def optimized(reference: bytes, test: Split, max_abs_diff: float) -> Variant:
+def _outputs(data: bytes, split: Split) -> np.ndarray:
+    return onnx_runtime.predict_split(onnx_runtime.session(data), split)
+
+
+def optimized(reference: bytes, test: Split, settings: ExportParams, calibration: np.ndarray | None = None) -> Variant:
     """onnxruntime's extended graph optimizations, saved; gated on parity with the reference model."""
+    max_abs_diff = settings.max_abs_diff
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder) / "optimized.onnx"
-        options = ort.SessionOptions()
-        # EXTENDED keeps the graph portable across CPUs (ALL adds layout changes tied to this machine).
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-        options.optimized_model_filepath = str(out)
-        ort.InferenceSession(reference, options, providers=["CPUExecutionProvider"])
+        onnx_runtime.session(reference, optimized_to=out)
         data = out.read_bytes()
-    diff = float(np.max(np.abs(_predict(_session(data), test) - _predict(_session(reference), test))))
+    diff = float(np.max(np.abs(_outputs(data, test) - _outputs(reference, test))))
     accepted = diff <= max_abs_diff  # also refuses NaN
     reason = f"max |optimized - model| {diff:.1e} {'<=' if accepted else '>'} {max_abs_diff:.1e}"
     return Variant("optimized", accepted, reason, data, {"max_abs_diff": diff, "max_abs_diff_bound": max_abs_diff})
@@ -96,9 +90,12 @@ class _Calibration(CalibrationDataReader):
         return None if batch is None else {self.input_name: batch}
 
 
-def int8(reference: bytes, calibration: np.ndarray, test: Split, max_accuracy_drop: float) -> Variant:
+def int8(reference: bytes, test: Split, settings: ExportParams, calibration: np.ndarray | None = None) -> Variant:
     """Static int8 quantization calibrated on `calibration`; gated on test accuracy against the float model."""
-    input_name = _session(reference).get_inputs()[0].name
+    if calibration is None or not len(calibration):
+        raise ValueError("int8 needs calibration images (its registry entry says needs_calibration)")
+    max_accuracy_drop = settings.int8_max_accuracy_drop
+    input_name = onnx_runtime.session(reference).get_inputs()[0].name
     with tempfile.TemporaryDirectory() as folder:
         source, prepared, out = (Path(folder) / name for name in ("model.onnx", "prepared.onnx", "int8.onnx"))
         source.write_bytes(reference)
@@ -112,8 +109,8 @@ def int8(reference: bytes, calibration: np.ndarray, test: Split, max_accuracy_dr
         except Exception as error:  # quantization tools raise many types; each means "no int8 variant"
             return Variant("int8", False, f"quantization failed: {type(error).__name__}: {error}", b"", {})
         data = out.read_bytes()
-    float_accuracy = float(np.mean(_predict(_session(reference), test).argmax(axis=1) == test.y))
-    int8_accuracy = float(np.mean(_predict(_session(data), test).argmax(axis=1) == test.y))
+    float_accuracy = float(np.mean(_outputs(reference, test).argmax(axis=1) == test.y))
+    int8_accuracy = float(np.mean(_outputs(data, test).argmax(axis=1) == test.y))
     drop = float_accuracy - int8_accuracy
     accepted = drop <= max_accuracy_drop + 1e-12  # the bound is inclusive; float noise must not flip it
     reason = (
@@ -131,19 +128,28 @@ def int8(reference: bytes, calibration: np.ndarray, test: Split, max_accuracy_dr
     return Variant("int8", accepted, reason, data, report)
 
 
+Builder = Callable[[bytes, Split, ExportParams, np.ndarray | None], Variant]
+
+
+def builder(name: str) -> Builder:
+    """The function that builds and gates the registered variant `name`; PipelineError naming the choices."""
+    kind = VARIANTS.get(name)
+    if kind is None:
+        raise PipelineError(f"unknown export.variants [{name!r}]: choose from {list(VARIANTS)}")
+    return globals()[kind.builder]
+
+
 def build(
-    names: tuple[str, ...], reference: bytes, calibration: np.ndarray, test: Split, max_abs_diff: float,
-    max_accuracy_drop: float,
+    names: tuple[str, ...], reference: bytes, test: Split, settings: ExportParams, calibration: np.ndarray | None,
 ) -> list[Variant]:
-    """The requested variants, each gated, with size and batch-1 latency next to the reference model's."""
-    unknown = set(names) - set(VARIANTS)
-    if unknown:
-        raise PipelineError(f"unknown export.variants {sorted(unknown)}: choose from {list(VARIANTS)}")
+    """The requested variants, each gated, with size and batch-1 latency next to the reference model's.
+
+    `calibration`: validation images, needed when a requested variant's registry entry says so.
+    """
+    builders = [builder(name) for name in names]  # every name checked before any work
     built = []
-    for name in names:
-        variant = optimized(reference, test, max_abs_diff) if name == "optimized" else int8(
-            reference, calibration, test, max_accuracy_drop
-        )
+    for name, build_one in zip(names, builders):
+        variant = build_one(reference, test, settings, calibration)
         if variant.data:
             variant.report.update(size_bytes=len(variant.data), latency_ms_batch1=latency_ms(variant.data, test.images([0])))
         log.log(logging.INFO if variant.accepted else logging.WARNING,

@@ -17,24 +17,12 @@ from urllib.parse import urlparse
 
 from components.core.artifacts import atomic_path
 from components.core.errors import PipelineError
+from components.training.backbones import BACKBONES
 
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
 RETRY_DELAYS = (1.0, 3.0, 9.0)
-
-
-# ImageNet weights of the Keras Applications backbones without their top, as Keras publishes
-# them (file under the mirror, Keras's md5): keras/src/applications/*.py.
-IMAGENET_FILES = {
-    "mobilenet_v3_small": ("mobilenet_v3/weights_mobilenet_v3_small_224_1.0_float_no_top_v2.h5",
-                           "d3e8ec802a04aa4fc771ee12a9a9b836"),
-    "mobilenet_v3_large": ("mobilenet_v3/weights_mobilenet_v3_large_224_1.0_float_no_top_v2.h5",
-                           "07fb09a5933dd0c8eaafa16978110389"),
-    "efficientnet_v2_b0": ("efficientnet_v2/efficientnetv2-b0_notop.h5", "893217f2bb855e2983157299931e43ff"),
-    "resnet50": ("resnet/resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5", "4d473c1dd8becc155b73f8504c6f6626"),
-    "vgg16": ("vgg16/vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5", "6d6bbae143d832006294945121d1f1fc"),
-}
 
 
 def sha256_of(path: Path) -> str:
@@ -90,6 +78,20 @@ def fetch(location: str, sha256: str, cache_dir: Path) -> Path:
     return _fetch_url(location, Path(cache_dir) / f"{expected[:16]}-{name}", expected, "sha256", "source.sha256")
 
 
+def imagenet_weights(backbone: str) -> tuple[str, str]:
+    """(file under the mirror, Keras's md5) of a backbone's ImageNet weights, from the backbone registry."""
+    spec = BACKBONES.get(backbone)
+    if spec is None or spec.imagenet_file is None or spec.imagenet_md5 is None:
+        published = sorted(name for name, b in BACKBONES.items() if b.imagenet_file)
+        raise PipelineError(f"no ImageNet weights for backbone {backbone}; choose one of {published}")
+    return spec.imagenet_file, spec.imagenet_md5
+
+
+def imagenet_cache_path(backbone: str, cache_dir: Path) -> Path:
+    """Where a backbone's ImageNet weights lie in the cache (placed there by hand on offline machines)."""
+    return Path(cache_dir) / "imagenet" / Path(imagenet_weights(backbone)[0]).name
+
+
 def fetch_imagenet(backbone: str, mirror: str, sha256: str, cache_dir: Path) -> Path:
     """The ImageNet weights (no top) of a Keras Applications backbone, from `mirror` or the cache.
 
@@ -97,12 +99,10 @@ def fetch_imagenet(backbone: str, mirror: str, sha256: str, cache_dir: Path) -> 
     Keras's published md5. A file placed in the cache by hand (offline machines) is used as is
     once its digest checks.
     """
-    if backbone not in IMAGENET_FILES:
-        raise PipelineError(f"no ImageNet weights for backbone {backbone}; choose one of {sorted(IMAGENET_FILES)}")
-    relative, md5 = IMAGENET_FILES[backbone]
+    relative, md5 = imagenet_weights(backbone)
     expected, algorithm = (sha256.lower(), "sha256") if sha256 else (md5, "md5")
     url = f"{mirror.rstrip('/')}/{relative}"
-    return _fetch_url(url, Path(cache_dir) / "imagenet" / Path(relative).name, expected, algorithm, "source.sha256")
+    return _fetch_url(url, imagenet_cache_path(backbone, cache_dir), expected, algorithm, "source.sha256")
 
 
 def _fetch_url(url: str, cached: Path, expected: str, algorithm: str, pin_key: str) -> Path:

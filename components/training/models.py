@@ -15,6 +15,7 @@ import keras
 from components.core.artifacts import atomic_dir
 from components.core.config import DataParams, ModelParams
 from components.core.errors import PipelineError
+from components.training.backbones import BACKBONES, Backbone
 
 MODEL_FILE = "model.keras"
 LABELS_FILE = "labels.json"
@@ -22,18 +23,10 @@ INPUT_NAME = "input"
 BACKBONE_NAME = "backbone"
 HEAD_NAME = "head"
 
-# Keras Applications backbones: (constructor, minimum input side, preprocessing). "own": the
-# model scales 0..255 itself (include_preprocessing=True); "caffe": ImageNet mean subtraction,
-# done here with a built-in Normalization layer (no Lambda: models load with safe_mode=True and
-# convert with tf2onnx). Caffe models were trained on BGR; rather than a channel-swap layer, the
-# first convolution's kernel is flipped to RGB when ImageNet weights are loaded (same outputs).
-_APPLICATIONS = {
-    "mobilenet_v3_small": (keras.applications.MobileNetV3Small, 32, "own"),
-    "mobilenet_v3_large": (keras.applications.MobileNetV3Large, 32, "own"),
-    "efficientnet_v2_b0": (keras.applications.EfficientNetV2B0, 32, "own"),
-    "resnet50": (keras.applications.ResNet50, 32, "caffe"),
-    "vgg16": (keras.applications.VGG16, 32, "caffe"),
-}
+# "caffe" preprocessing (components.training.backbones): ImageNet mean subtraction, done with a
+# built-in Normalization layer (no Lambda: models load with safe_mode=True and convert with tf2onnx).
+# Caffe models were trained on BGR; rather than a channel-swap layer, the first convolution's kernel
+# is flipped to RGB when ImageNet weights are loaded (same outputs).
 CAFFE_MEAN_RGB = (123.68, 116.779, 103.939)
 
 
@@ -52,12 +45,10 @@ def _simple_cnn(side: int, channels: int, width: int) -> keras.Model:
     return keras.Model(inputs, outputs, name=BACKBONE_NAME)
 
 
-def _application(name: str, side: int, weights_file: str | None) -> keras.Model:
-    constructor, minimum, preprocessing = _APPLICATIONS[name]
-    if side < minimum:
-        raise PipelineError(f"backbone {name} needs data.image_size >= {minimum}, got {side}: raise data.image_size")
+def _application(spec: Backbone, side: int, weights_file: str | None) -> keras.Model:
+    constructor = getattr(keras.applications, spec.keras_class)
     inputs = keras.Input((side, side, 3), name="backbone_input")
-    if preprocessing == "caffe":
+    if spec.preprocessing == "caffe":
         x = keras.layers.Normalization(mean=CAFFE_MEAN_RGB, variance=(1.0, 1.0, 1.0), name="imagenet_mean")(inputs)
         base = constructor(input_tensor=x, include_top=False, weights=None, pooling="avg")
     else:
@@ -69,8 +60,8 @@ def _application(name: str, side: int, weights_file: str | None) -> keras.Model:
         try:
             backbone.load_weights(weights_file)
         except ValueError as error:
-            raise PipelineError(f"{weights_file} does not fit backbone {name}: {error}") from None
-        if preprocessing == "caffe":
+            raise PipelineError(f"{weights_file} does not fit backbone {spec.name}: {error}") from None
+        if spec.preprocessing == "caffe":
             first = next(layer for layer in backbone.layers if isinstance(layer, keras.layers.Conv2D))
             kernel, *rest = first.get_weights()
             first.set_weights([kernel[:, :, ::-1, :], *rest])  # BGR-trained kernel, RGB input
@@ -78,7 +69,7 @@ def _application(name: str, side: int, weights_file: str | None) -> keras.Model:
 
 
 def uses_application(model: ModelParams) -> bool:
-    return model.backbone in _APPLICATIONS
+    return BACKBONES[model.backbone].is_application
 
 
 def build_model(
@@ -102,13 +93,18 @@ def build_model(
     if backbone_weights == "imagenet":
         raise ValueError("build_model takes a weights file: fetch ImageNet weights with download.fetch_imagenet")
     side, channels = data.image_size, data.channels
+    spec = BACKBONES[model.backbone]
+    if side < spec.min_side:
+        raise PipelineError(
+            f"backbone {spec.name} needs data.image_size >= {spec.min_side}, got {side}: raise data.image_size"
+        )
     inputs = keras.Input((None, None, channels), dtype="uint8", name=INPUT_NAME)
-    if uses_application(model):
+    if spec.is_application:
         x = keras.layers.Rescaling(1.0, name="to_float")(inputs)  # applications scale 0..255 themselves
         x = keras.layers.Resizing(side, side, name="resize")(x)
         if channels == 1:
             x = keras.layers.Concatenate(name="gray_to_rgb")([x, x, x])
-        backbone = _application(model.backbone, side, str(backbone_weights) if backbone_weights else None)
+        backbone = _application(spec, side, str(backbone_weights) if backbone_weights else None)
     else:
         x = keras.layers.Rescaling(1.0 / 255, name="scale")(inputs)
         x = keras.layers.Resizing(side, side, name="resize")(x)
