@@ -21,6 +21,7 @@ from components.apps.cli import main
 from components.core.config import Params, with_overrides
 from components.core.errors import PipelineError
 from components.deploy.predict import OnnxModel
+from components.training.backbones import BACKBONES
 from components.training.download import sha256_of
 from components.training.gradcam import GradCam, target_layer
 from components.training.models import build_model, save_model_dir
@@ -138,9 +139,7 @@ HEAVY = pytest.mark.slow
 
 
 @pytest.mark.parametrize("backbone", [
-    "simple_cnn", pytest.param("mobilenet_v3_small", marks=HEAVY), pytest.param("mobilenet_v3_large", marks=HEAVY),
-    pytest.param("efficientnet_v2_b0", marks=HEAVY), pytest.param("resnet50", marks=HEAVY),
-    pytest.param("vgg16", marks=HEAVY),
+    pytest.param(name, marks=HEAVY) if spec.is_application else name for name, spec in BACKBONES.items()
 ])
 def test_every_backbone_is_explained_at_its_last_spatial_map(tmp_path: Path, backbone: str) -> None:
     params = with_overrides(shrunk_params(tmp_path), {"model.backbone": backbone, "data.image_size": 32,

@@ -11,6 +11,7 @@ from PIL import Image
 
 from components.apps.cli import main
 from components.core.config import load_params, shipped_defaults
+from components.training.download import imagenet_cache_path
 from tests.conftest import write_class_folders
 
 
@@ -65,7 +66,7 @@ def test_init_keeps_grey_images_grey_and_picks_a_pretrained_backbone_when_its_we
     monkeypatch.chdir(tmp_path)  # the weights cache (source.cache_dir) is relative to where tlpipe runs
     source = write_class_folders(tmp_path / "s", ["a", "b"], per_class=12, size=(40, 40), mode="RGB")
     target = write_class_folders(tmp_path / "t", ["c", "d"], per_class=12, size=(40, 40))
-    weights = Path(shipped_defaults()["source"]["cache_dir"]) / "imagenet" / "weights_mobilenet_v3_small_224_1.0_float_no_top_v2.h5"
+    weights = imagenet_cache_path("mobilenet_v3_small", Path(shipped_defaults()["source"]["cache_dir"]))
     weights.parent.mkdir(parents=True)
     weights.write_bytes(b"placed by hand")
     assert main(["init", "--source", "s", "--target", "t"]) == 0

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
+import inspect
+from collections.abc import Callable
 from pathlib import Path
 
 import keras
@@ -10,16 +13,17 @@ import pytest
 
 from components.core.config import Params, with_overrides
 from components.core.errors import PipelineError
+from components.training.backbones import BACKBONES
 from components.training.models import MODEL_FILE, build_model, load_model_dir, save_model_dir, weighted_layers
 
-# keras.applications constructor for each backbone name, and its Keras preprocess_input.
-APPLICATIONS = {
-    "mobilenet_v3_small": (keras.applications.MobileNetV3Small, lambda x: x),
-    "mobilenet_v3_large": (keras.applications.MobileNetV3Large, lambda x: x),
-    "efficientnet_v2_b0": (keras.applications.EfficientNetV2B0, lambda x: x),
-    "resnet50": (keras.applications.ResNet50, keras.applications.resnet50.preprocess_input),
-    "vgg16": (keras.applications.VGG16, keras.applications.vgg16.preprocess_input),
-}
+# Every registered Keras Applications backbone; the test compares it with Keras's own model fed
+# through Keras's own preprocess_input (from the constructor's module), not with the registry's word.
+APPLICATIONS = sorted(name for name, spec in BACKBONES.items() if spec.is_application)
+
+
+def keras_reference(name: str) -> tuple[Callable[..., keras.Model], Callable[[np.ndarray], np.ndarray]]:
+    constructor = getattr(keras.applications, BACKBONES[name].keras_class)
+    return constructor, importlib.import_module(constructor.__module__).preprocess_input
 
 
 def test_a_model_directory_holding_a_lambda_layer_is_refused(tmp_path: Path) -> None:
@@ -44,10 +48,10 @@ def test_applications_need_32_pixels(params: Params) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backbone", sorted(APPLICATIONS))
+@pytest.mark.parametrize("backbone", APPLICATIONS)
 def test_keras_weights_files_load_with_keras_preprocessing(params: Params, tmp_path: Path, backbone: str) -> None:
     """Each backbone takes Keras's own .h5 weights file and matches keras.applications with preprocess_input."""
-    constructor, preprocess = APPLICATIONS[backbone]
+    constructor, preprocess = keras_reference(backbone)
     cfg = with_overrides(params, {"model.backbone": backbone, "data.image_size": 32, "data.color_mode": "rgb"})
     keras.utils.set_random_seed(0)
     weights = tmp_path / f"{backbone}_notop.h5"
@@ -64,3 +68,20 @@ def test_keras_weights_files_load_with_keras_preprocessing(params: Params, tmp_p
     save_model_dir(model, ("a", "b", "c"), tmp_path / "saved")  # serializable with built-in layers only
     loaded, _ = load_model_dir(tmp_path / "saved")
     np.testing.assert_allclose(loaded.predict(pixels, verbose=0), model.predict(pixels, verbose=0), atol=1e-5)
+
+
+def test_every_registered_backbone_names_a_keras_constructor_that_fits_its_entry() -> None:
+    """A typo in the registry fails here, fast, not in the slow build test or a user's run."""
+    for name, spec in BACKBONES.items():
+        assert spec.name == name and spec.min_side >= 1
+        if not spec.is_application:
+            assert spec.preprocessing == "unit" and spec.imagenet_file is None
+            continue
+        constructor = getattr(keras.applications, spec.keras_class)
+        # "own": the application scales pixels itself, which only constructors with that switch do.
+        takes_switch = "include_preprocessing" in inspect.signature(constructor).parameters
+        assert takes_switch == (spec.preprocessing == "own"), name
+        # The weights are the ones Keras itself downloads: same mirror folder, same published md5.
+        keras_source = inspect.getsource(importlib.import_module(constructor.__module__))
+        folder = spec.imagenet_file.split("/")[0]
+        assert f"keras-applications/{folder}/" in keras_source and spec.imagenet_md5 in keras_source, name

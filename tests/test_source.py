@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 from components import source
 from components.training import download
 from components.core.config import Params, with_overrides
+from components.training.backbones import BACKBONES
 from components.training.download import sha256_of
 from components.core.errors import PipelineError
 from components.training.models import build_model, load_model_dir
@@ -93,7 +95,7 @@ def test_download_needs_a_pinned_digest(params: Params) -> None:
 
 
 # ImageNet weights: Keras's file names under a mirror, fetched and cached by our own download code.
-VGG16_FILE = "vgg16/vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
+VGG16_FILE = BACKBONES["vgg16"].imagenet_file
 
 
 def _imagenet_like(folder: Path) -> Path:
@@ -148,7 +150,7 @@ def test_imagenet_weights_are_checked_against_keras_md5_when_no_sha256_is_pinned
         "model.backbone": "vgg16", "data.image_size": 32, "source.mode": "download", "source.weights": "imagenet",
         "source.mirror": base_url, "source.cache_dir": str(cache),
     })
-    with pytest.raises(PipelineError, match="md5 mismatch .* expected 6d6bbae143d832006294945121d1f1fc"):
+    with pytest.raises(PipelineError, match=f"md5 mismatch .* expected {BACKBONES['vgg16'].imagenet_md5}"):
         source.run(params)
     assert not (cache / "imagenet").exists() or not any((cache / "imagenet").iterdir())
 
@@ -159,7 +161,8 @@ def test_offline_imagenet_download_says_where_to_place_the_file(params: Params, 
         "model.backbone": "resnet50", "data.image_size": 32, "source.mode": "download", "source.weights": "imagenet",
         "source.mirror": "http://127.0.0.1:9/", "source.cache_dir": str(params.paths.raw.parent / "cache"),
     })
-    with pytest.raises(PipelineError, match="after 2 tries .* place the file at .*resnet50_weights_tf_dim_ordering"):
+    placed = Path(BACKBONES["resnet50"].imagenet_file).name
+    with pytest.raises(PipelineError, match=f"after 2 tries .* place the file at .*{re.escape(placed)}"):
         source.run(params)
 
 
