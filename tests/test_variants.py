@@ -13,6 +13,7 @@ import pytest
 from components import export
 from components.core.artifacts import OWNER_MARKER, write_json
 from components.deploy import variants
+from components.deploy.variant_registry import VARIANTS
 from components.core.config import Params
 from components.data.dataset import load_split
 from tests.conftest import shrunk_params, write_clean_dataset
@@ -22,12 +23,12 @@ CLASSES = ["a", "b", "c"]
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Params, dict]:
-    """A tiny model trained until it is accurate (so an accuracy drop can show), exported with both variants."""
+    """A tiny model trained until it is accurate (so an accuracy drop can show), exported with every variant."""
     import keras
 
     from components.training.models import build_model, save_model_dir
 
-    params = shrunk_params(tmp_path_factory.mktemp("variants"), {"export.variants": ["optimized", "int8"]})
+    params = shrunk_params(tmp_path_factory.mktemp("variants"), {"export.variants": list(VARIANTS)})
     size = params.data.image_size
     write_clean_dataset(params.paths.clean, "target", CLASSES, {"train": 20, "val": 8, "test": 10}, size, seed=3)
     write_json(params.paths.gates, {"passed": True, "gates": []})
@@ -52,9 +53,10 @@ def test_variants_within_their_bounds_are_written_and_reported(exported: tuple[P
     assert int8["accepted"], int8["reason"]
     assert int8["accuracy_drop"] <= params.export.int8_max_accuracy_drop == 0.01
     assert int8["calibration_images"] == 3 * 8  # the validation split, never the test images
-    assert sorted(p.name for p in params.paths.onnx_variants.iterdir()) == [OWNER_MARKER, "int8.onnx", "optimized.onnx"]
+    written = sorted(p.name for p in params.paths.onnx_variants.iterdir())
+    assert written == sorted([OWNER_MARKER, *(f"{name}.onnx" for name in VARIANTS)])
 
-    for name in ("optimized", "int8"):
+    for name in VARIANTS:
         path = params.paths.onnx_variants / f"{name}.onnx"
         assert variants[name]["path"] == str(path)
         assert variants[name]["size_bytes"] == path.stat().st_size
@@ -108,8 +110,6 @@ def test_unknown_variant_is_an_error_naming_the_choices(exported: tuple[Params, 
 
 def test_every_registered_variant_names_a_builder_taking_the_common_arguments() -> None:
     import inspect
-
-    from components.deploy.variant_registry import VARIANTS
 
     for name, kind in VARIANTS.items():
         build_one = variants.builder(name)
