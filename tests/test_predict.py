@@ -13,9 +13,11 @@ import pytest
 from PIL import Image
 
 from components.core.errors import PipelineError
+from components.data.dataset import load_split
 from components.data.images import load_normalized
+from components.deploy import onnx_runtime
 from components.deploy.predict import OnnxModel, predict_files
-from tests.conftest import REPO, export_tiny_model
+from tests.conftest import REPO, export_tiny_model, write_clean_dataset
 
 CLASSES = ["cat", "dog", "owl"]
 
@@ -206,3 +208,14 @@ def test_serving_does_not_import_tensorflow_or_keras() -> None:
     )
     done = subprocess.run([sys.executable, "-c", check], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+def test_split_inference_goes_batch_by_batch_in_split_order_like_one_call(onnx_model: Path, tmp_path: Path) -> None:
+    """What export, the variants and promotion score with: every image once, in order, a partial last batch."""
+    write_clean_dataset(tmp_path, "target", CLASSES, {"test": 7}, size=12)
+    split = load_split(tmp_path, "target", "test")
+    batched = onnx_runtime.predict_split(onnx_runtime.session(onnx_model), split, batch_size=4)  # 21 = 5 x 4 + 1
+    whole = ort.InferenceSession(str(onnx_model), providers=["CPUExecutionProvider"])
+    expected = whole.run(None, {"input": split.images(np.arange(len(split)))})[0]
+    assert batched.shape == (len(split), len(CLASSES)) == (21, 3)
+    np.testing.assert_allclose(batched, expected, atol=1e-6)

@@ -28,6 +28,7 @@ def session(model: bytes | Path, *, optimized_to: Path | None = None) -> ort.Inf
     `optimized_to`: also apply onnxruntime's extended graph optimizations and save the optimized
     graph there (the `optimized` export variant).
     """
+    ort.disable_telemetry_events()  # usage events (only Windows builds send them), off like GX's and Prefect's
     options = ort.SessionOptions()
     # Idle intra-op threads would otherwise spin for a while after each call, taking the CPU from
     # image decoding and, in the server, from the event loop between batches.
