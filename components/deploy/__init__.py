@@ -1,1 +1,2 @@
-"""Deployment: ONNX inference (predict), the HTTP server, export variants, the bundle, promotion."""
+"""Deployment: ONNX inference (onnx_runtime, predict), the HTTP server, export variants (registry and
+builders), the bundle, promotion."""
