@@ -180,3 +180,20 @@ def test_a_params_yaml_holds_only_what_it_changes_and_a_stage_records_the_effect
     recorded = yaml.safe_load(params.paths.effective_params.read_text())
     assert recorded["data"]["image_size"] == 64 and recorded["finetune"] == {**defaults["finetune"], "epochs": 3}
     assert recorded["paths"]["raw"] == "data/raw"  # relative, as written: the same on every machine
+
+
+def test_backbone_and_variant_names_are_checked_against_their_registries(tmp_path: Path) -> None:
+    from components.deploy.variant_registry import VARIANTS
+    from components.training.backbones import BACKBONES
+
+    def unknown(raw: dict) -> None:
+        raw["model"]["backbone"] = "resnet18"
+        raw["export"]["variants"] = ["fp16"]
+
+    with pytest.raises(PipelineError) as error:
+        load_params(_write(tmp_path, unknown))
+    lines = str(error.value).splitlines()
+    backbone = next(line for line in lines if "'model.backbone'" in line)
+    variant = next(line for line in lines if "'export.variants.0'" in line)
+    assert all(repr(name) in backbone for name in BACKBONES)
+    assert all(repr(name) in variant for name in VARIANTS)
