@@ -237,6 +237,25 @@ class TransferGainReport(Report):
     scratch: dict[str, Any] | None = None
 
 
+class ExplainedError(Report):
+    path: str
+    true: str
+    predicted: str
+    probability: float  # of the predicted (wrong) class
+    image: str  # file names in the errors folder
+    overlay: str
+
+
+class ErrorsReport(Report):
+    """The misclassified test images evaluate explained with Grad-CAM (errors.json beside their pictures)."""
+
+    STAGE: ClassVar[str] = "evaluate"
+    layer: str | None
+    misclassified: int
+    shown: int
+    cases: list[ExplainedError]
+
+
 class ExportReport(Report):
     STAGE: ClassVar[str] = "export"
     max_abs_diff: float
