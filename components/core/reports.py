@@ -41,7 +41,8 @@ class Report(BaseModel):
     """A JSON artifact we own the shape of: an unknown key is an error, not a silently ignored field."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
-    STAGE: ClassVar[str] = "the"  # the dvc.yaml stage that writes it (named in the fix)
+    STAGE: ClassVar[str | None] = None  # the dvc.yaml stage that writes it (named in the fix)
+    FIX: ClassVar[str | None] = None  # the fix when no stage writes it
 
 
 # ---------- gates ----------
@@ -299,7 +300,7 @@ class Scored(Report):
 
 
 class PromotionReport(Report):
-    STAGE: ClassVar[str] = "promote"
+    FIX: ClassVar[str] = "run tlpipe promote again (it rewrites this report)"
     time: str
     champion_version: str | None
     first_champion: bool
@@ -316,7 +317,7 @@ class PromotionReport(Report):
 class Lineage(Report):
     """A release's lineage.json: what it was made from and why it was promoted."""
 
-    STAGE: ClassVar[str] = "promote"
+    FIX: ClassVar[str] = "restore this release's lineage.json, or move the release out of the releases folder"
     version: str
     time: str
     replaced: str | None
@@ -346,11 +347,13 @@ def write_report(path: Path, report: Report) -> None:
 
 
 def _fix(model: type[Report], stage: str | None) -> str:
+    if model.FIX and not stage:
+        return model.FIX
     stage = stage or model.STAGE
-    return f"rerun the {stage} stage (dvc repro --force {stage})" if stage != "the" else "rerun the stage that writes it"
+    return f"rerun the {stage} stage (dvc repro --force {stage})" if stage else "rerun the stage that writes it"
 
 
-def parse_report(path: Path, model: type[R], payload: Any, stage: str | None = None) -> R:
+def _parse(path: Path, model: type[R], payload: Any, stage: str | None = None) -> R:
     """`payload` (read from `path`) as a `model`, or a PipelineError naming the file, the field and the fix."""
     try:
         return model.model_validate(payload)
@@ -379,7 +382,7 @@ def read_report(path: Path, model: type[R], stage: str | None = None) -> R | Non
         payload = json.loads(text)
     except ValueError as error:
         raise PipelineError(f"{path} is not JSON ({error}): {_fix(model, stage)}") from None
-    return parse_report(path, model, payload, stage)
+    return _parse(path, model, payload, stage)
 
 
 def require_report(path: Path, model: type[R], stage: str | None = None) -> R:
@@ -387,5 +390,6 @@ def require_report(path: Path, model: type[R], stage: str | None = None) -> R:
     report = read_report(path, model, stage)
     if report is None:
         stage = stage or model.STAGE
-        raise PipelineError(f"{path} not found: run the {stage} stage first (dvc repro {stage})")
+        fix = f"run the {stage} stage first (dvc repro {stage})" if stage else _fix(model, None)
+        raise PipelineError(f"{path} not found: {fix}")
     return report
