@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 from components.core.config import Params
 from components.core.errors import PipelineError
-from components.core.reports import Comparison, DriftReference, DriftReport, Gate, build_gates, read_report, write_report
+from components.core.reports import (Comparison, DriftReference, DriftReport, Gate, build_gates, read_report,
+                                     write_report)
 from components.data.csv_manifest import is_csv_manifest
 from components.data.images import TASKS
 

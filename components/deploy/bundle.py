@@ -105,7 +105,8 @@ def _lineage_section(lineage: Lineage) -> list[str]:
         if code.get("commit") else f"- Code: {code.get('note')}",
         f"- Git tag: `{lineage.tag}`" if lineage.tag else "- Git tag: none",
         f"- Replaced: {lineage.replaced or 'nothing (first champion: absolute gates only)'}",
-        "- Data (md5 as dvc.lock pins them):" if data else f"- Data: {lineage.dvc.get('note', 'no data outputs in dvc.lock')}",
+        "- Data (md5 as dvc.lock pins them):" if data
+        else f"- Data: {lineage.dvc.get('note', 'no data outputs in dvc.lock')}",
         *(f"  - `{path}`: `{md5}`" for path, md5 in data.items()),
         f"- Test split: {challenger.test_images} images; accuracy {number(challenger.accuracy)}, macro F1 "
         f"{number(challenger.macro_f1)}"

@@ -99,11 +99,9 @@ def gates(challenger: dict[str, Any], champion: dict[str, Any] | None, params: P
     metrics = challenger["metrics"]
     result = metric_gates(metrics, params.evaluate.min_accuracy, params.evaluate.min_macro_f1)
     if champion is not None:
-        result += build_gates(
-            (f"max_{name}_regression", round(champion["metrics"][name] - metrics[name], 6), params.promote.max_regression,
-             "<=")
-            for name in ("accuracy", "macro_f1")
-        )
+        limit = params.promote.max_regression
+        result += build_gates((f"max_{name}_regression", round(champion["metrics"][name] - metrics[name], 6), limit, "<=")
+                              for name in ("accuracy", "macro_f1"))
     return result
 
 
@@ -240,7 +238,8 @@ def summary_markdown(report: PromotionReport) -> str:
     ]
     for name, side in (("challenger", report.challenger), ("champion", report.champion)):
         if side:
-            lines.append(f"| {name} | `{side.sha256[:12]}` | {number(side.metrics.accuracy)} | {number(side.metrics.macro_f1)} |")
+            m = side.metrics
+            lines.append(f"| {name} | `{side.sha256[:12]}` | {number(m.accuracy)} | {number(m.macro_f1)} |")
     return "\n".join(lines) + "\n"
 
 

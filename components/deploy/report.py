@@ -471,8 +471,10 @@ def render(params: Params, samples: dict[str, dict[str, list[np.ndarray]]], case
               "errors": "Errors, explained", "export": "Export and lineage"}
     nav = "".join(f'<a href="#{name}">{titles[name]}</a>' for name in SECTIONS)
     sections = "".join(f'<section id="{name}"><h2>{titles[name]}</h2>{bodies[name]}</section>' for name in SECTIONS)
-    summary = (f"backbone <b>{esc(params.model.backbone)}</b>, test accuracy <b>{fmt(metrics and metrics.accuracy)}</b>, "
-               f"macro F1 <b>{fmt(metrics and metrics.macro_f1)}</b>, gates {verdict(gates.passed if gates else None)}")
+    summary = (f"backbone <b>{esc(params.model.backbone)}</b>, "
+               f"test accuracy <b>{fmt(metrics.accuracy if metrics else None)}</b>, "
+               f"macro F1 <b>{fmt(metrics.macro_f1 if metrics else None)}</b>, "
+               f"gates {verdict(gates.passed if gates else None)}")
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">'
             f"<title>tlpipe run report</title><style>{CSS}</style></head><body>"
