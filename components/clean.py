@@ -20,9 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from components.core.artifacts import atomic_dir, write_json, write_text
+from components.core.artifacts import atomic_dir, write_text
 from components.core.config import Params
 from components.core.errors import PipelineError
+from components.core.reports import QuarantineReport, write_report
 from components.data.raw_record import assigned_splits
 from components.data.dataset import SplitWriter
 from components.data.images import MANIFEST_COLUMNS, TASKS, class_folders, list_class_images, load_normalized, workers_for
@@ -415,15 +416,15 @@ def run(params: Params) -> CleanResult:
     checks = _check_splits(plans, counts, params)
     with atomic_dir(params.paths.clean) as temp:
         _write(params, plans, temp)
-    write_json(params.paths.quarantine, {
-        "quarantined": [{"task": r["task"], "path": r["path"], "label": r["label"], "reason": reason}
-                        for plan in plans.values() for r, reason in plan.quarantined],
-        "held_back": [{"task": r["task"], "path": r["path"], "label": r["label"]}
-                      for plan in plans.values() for r in plan.held_back],
-        "counts": counts,
-        "reconciled": True,
-        "expectations": checks,
-    })
+    write_report(params.paths.quarantine, QuarantineReport(
+        quarantined=[{"task": r["task"], "path": r["path"], "label": r["label"], "reason": reason}
+                     for plan in plans.values() for r, reason in plan.quarantined],
+        held_back=[{"task": r["task"], "path": r["path"], "label": r["label"]}
+                   for plan in plans.values() for r in plan.held_back],
+        counts=counts,
+        reconciled=True,
+        expectations=checks,
+    ))
     write_text(params.paths.quarantine_summary, _summary_markdown(plans, counts, checks, params))
     result = CleanResult({t: c["kept"] for t, c in counts.items()}, sum(c["quarantined"] for c in counts.values()),
                          sum(c["held_back"] for c in counts.values()))

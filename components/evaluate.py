@@ -13,11 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
-from components.core.artifacts import atomic_path, write_json, write_text
+from components.core.artifacts import atomic_path, write_text
 from components.core.config import Params
 from components.data.dataset import load_split
 from components.core.errors import PipelineError
 from components.core.metrics import compute_metrics
+from components.core.reports import (FinetuneReport, GatesReport, MetricsReport, ScoresReport, TransferGainReport,
+                                     build_gates, metric_gates, number, require_report, write_report)
 
 log = logging.getLogger(__name__)
 
@@ -30,20 +32,15 @@ class EvaluateResult:
 
     def __str__(self) -> str:
         verdict = "gates passed" if self.passed else "gates FAILED"
-        return f"test accuracy {self.accuracy:.4f}, macro F1 {self.macro_f1:.4f}, {verdict}"
+        return f"test accuracy {number(self.accuracy)}, macro F1 {number(self.macro_f1)}, {verdict}"
 
 
-def apply_gates(metrics: dict, params: Params, gain: dict | None = None) -> dict:
-    thresholds = {"accuracy": params.evaluate.min_accuracy, "macro_f1": params.evaluate.min_macro_f1}
-    gates = [
-        {"name": f"min_{name}", "value": metrics[name], "threshold": threshold, "passed": metrics[name] >= threshold}
-        for name, threshold in thresholds.items()
-    ]
+def apply_gates(metrics: dict, params: Params, gain: dict | None = None) -> GatesReport:
+    gates = metric_gates(metrics, params.evaluate.min_accuracy, params.evaluate.min_macro_f1)
     minimum = params.evaluate.min_transfer_gain
     if minimum is not None and gain is not None and gain.get("compared"):
-        value = gain["accuracy_gain"]
-        gates.append({"name": "min_transfer_gain", "value": value, "threshold": minimum, "passed": value >= minimum})
-    return {"passed": all(gate["passed"] for gate in gates), "gates": gates}
+        gates += build_gates([("min_transfer_gain", gain["accuracy_gain"], minimum, ">=")])
+    return GatesReport.of(gates)
 
 
 def _first_reaching(curve: list[float], elapsed: list[float], target: float) -> dict:
@@ -58,10 +55,9 @@ def transfer_gain(params: Params, transfer_accuracy: float) -> dict:
     """Train the from-scratch baseline and compare: test accuracy, and time/epochs to reach each other's best."""
     if not params.evaluate.compare_scratch:
         return {"compared": False}
-    from components.core.artifacts import read_json
     from components.training.scratch import train_scratch
 
-    phases = read_json(params.paths.finetune_report)["phases"]
+    phases = require_report(params.paths.finetune_report, FinetuneReport).phases
     curve: list[float] = []
     elapsed: list[float] = []
     for result in phases.values():  # head, then unfrozen: one curve, time running on
@@ -134,20 +130,20 @@ def run(params: Params) -> EvaluateResult:
                         "scratch on the same labels; try other transfer.layers / transfer.freeze, or skip transfer",
                         gain["accuracy_gain"])
     gates = apply_gates(metrics, params, gain)
-    write_json(params.paths.metrics, metrics)
-    write_json(params.paths.transfer_gain, gain)
-    write_json(params.paths.gates, gates)
+    write_report(params.paths.metrics, MetricsReport(**metrics))
+    write_report(params.paths.transfer_gain, TransferGainReport(**gain))
+    write_report(params.paths.gates, gates)
     # The few numbers `dvc metrics show` and `dvc exp show` print; the details stay in paths.metrics.
-    write_json(params.paths.scores, {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
-                                     "gates_passed": gates["passed"]})
+    write_report(params.paths.scores, ScoresReport(accuracy=metrics["accuracy"], macro_f1=metrics["macro_f1"],
+                                                   gates_passed=gates.passed))
     _write_confusion(test.y, y_pred, classes, metrics["confusion_matrix"], params)
     # The run report's error section: the mistakes with their Grad-CAM maps, while the model is loaded.
     from components.deploy.errors import write_explained_errors
 
     write_explained_errors(model, test, probabilities, params.paths.explained_errors)
-    result = EvaluateResult(metrics["accuracy"], metrics["macro_f1"], gates["passed"])
-    if not gates["passed"]:
-        failed = "; ".join(f"{g['name']}: {g['value']:.4f} < {g['threshold']}" for g in gates["gates"] if not g["passed"])
+    result = EvaluateResult(metrics["accuracy"], metrics["macro_f1"], gates.passed)
+    if not gates.passed:
+        failed = "; ".join(g.why for g in gates.failed)
         raise PipelineError(
             f"gates failed ({failed}); the model is not exported. See {params.paths.metrics}; improve the model "
             "or data, or change the thresholds in params.yaml evaluate:"

@@ -25,12 +25,13 @@ import tensorflow as tf
 import tf2onnx
 
 from components.deploy import onnx_runtime, variants
-from components.core.artifacts import atomic_dir, read_json, write_bytes, write_json
+from components.core.artifacts import atomic_dir, write_bytes
 from components.deploy.bundle import write_bundle
 from components.deploy.variant_registry import VARIANTS
 from components.core.config import Params
 from components.data.dataset import Split, load_split
 from components.core.errors import PipelineError
+from components.core.reports import ExportReport, GatesReport, ParityReport, require_report, write_report
 from components.training.models import INPUT_NAME, load_model_dir
 
 log = logging.getLogger(__name__)
@@ -67,11 +68,9 @@ class ExportResult:
 
 def _require_gates_passed(gates_path: Path) -> None:
     # Ship only a blessed model (TFX Pusher): gates.json is a declared input of this stage.
-    if not gates_path.is_file():
-        raise PipelineError(f"{gates_path} not found: run the evaluate stage first (dvc repro evaluate)")
-    gates = read_json(gates_path)
-    if not gates.get("passed"):
-        failed = [g.get("name", "?") for g in gates.get("gates", []) if not g.get("passed")]
+    gates = require_report(gates_path, GatesReport)
+    if not gates.passed:
+        failed = [g.name for g in gates.failed]
         raise PipelineError(
             f"the model did not pass its gates ({', '.join(failed) or 'see ' + str(gates_path)}); "
             "not exporting it: improve the model or change the evaluate thresholds in params.yaml"
@@ -274,8 +273,8 @@ def run(params: Params) -> ExportResult:
         "variants": variant_reports,
         "bundle": str(paths.bundle),
     }
-    write_bundle(paths.onnx_model, paths.bundle, report, read_json(paths.gates), report_html=paths.report)
-    report["seconds"] = round(time.perf_counter() - started, 2)
-    write_json(paths.export_report, report)
-    write_json(paths.parity, {"onnx_max_abs_diff": max_abs_diff, "onnx_top1_agreement": top1})  # a DVC metric
+    write_bundle(paths.onnx_model, paths.bundle, ExportReport(**report), require_report(paths.gates, GatesReport),
+                 report_html=paths.report)
+    write_report(paths.export_report, ExportReport(**report, seconds=round(time.perf_counter() - started, 2)))
+    write_report(paths.parity, ParityReport(onnx_max_abs_diff=max_abs_diff, onnx_top1_agreement=top1))  # a DVC metric
     return result

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 
 import keras
 
-from components.core.artifacts import write_json
+from components.core.reports import FinetuneReport, write_report
 from components.core.config import Params
 from components.data.dataset import Split, load_split
 from components.training.models import (
@@ -114,7 +114,7 @@ def run(params: Params) -> FinetuneResult:
         # Both reported figures from the model that is saved (trainee may compute in bf16).
         final = evaluate(model, val)
     save_model_dir(model, classes, params.paths.finetuned_model)
-    write_json(params.paths.finetune_report, {
+    write_report(params.paths.finetune_report, FinetuneReport.model_validate({
         "backend": keras.backend.backend(),
         "precision": policy,
         # What the backbone really computed in (mixed precision is active when this is float16/bfloat16).
@@ -129,6 +129,6 @@ def run(params: Params) -> FinetuneResult:
         "val_loss": round(final["loss"], 6),
         "val_accuracy": round(final["accuracy"], 6),
         "phases": {name: asdict(result) for name, result in phases.items()},
-    })
+    }))
     checkpoint.finish()
     return FinetuneResult(final["accuracy"], kept)

@@ -7,7 +7,6 @@ training images per class; the page itself is built by components.deploy.report.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 
@@ -16,6 +15,7 @@ import numpy as np
 from components.core.artifacts import write_text
 from components.core.config import Params
 from components.core.errors import PipelineError
+from components.core.reports import ErrorsReport, require_report
 from components.data.dataset import Split, class_names, load_split
 from components.core.graph import stage_names
 from components.deploy.errors import ERRORS_FILE
@@ -58,16 +58,14 @@ def _errors(params: Params) -> tuple[list[ErrorCase], int, str | None]:
     from PIL import Image
 
     folder = params.paths.explained_errors
-    if not (folder / ERRORS_FILE).is_file():
-        raise PipelineError(f"{folder / ERRORS_FILE} not found: run the evaluate stage first (dvc repro evaluate)")
-    errors = json.loads((folder / ERRORS_FILE).read_text())
+    errors = require_report(folder / ERRORS_FILE, ErrorsReport)
     cases = []
-    for case in errors["cases"]:
-        with Image.open(folder / case["image"]) as image:
+    for case in errors.cases:
+        with Image.open(folder / case.image) as image:
             pixels = np.asarray(image)
-        cases.append(ErrorCase(case["path"], case["true"], case["predicted"], case["probability"],
-                               thumbnail(pixels, 128), (folder / case["overlay"]).read_bytes()))
-    return cases, errors["misclassified"], errors["layer"]
+        cases.append(ErrorCase(case.path, case.true, case.predicted, case.probability,
+                               thumbnail(pixels, 128), (folder / case.overlay).read_bytes()))
+    return cases, errors.misclassified, errors.layer
 
 
 def run(params: Params) -> ReportResult:

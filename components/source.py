@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import keras
 
-from components.core.artifacts import write_json
 from components.core.config import Params
+from components.core.reports import SourceReport, write_report
 from components.data.dataset import load_split
 from components.training.download import cache_dir_from, fetch, fetch_imagenet
 from components.core.errors import PipelineError
@@ -87,6 +87,6 @@ def run(params: Params) -> SourceResult:
         # dvc.yaml declares the curves folder as the stage's plots; a download has no curves to draw.
         (params.paths.training_curves / "source" / "plots" / "metrics").mkdir(parents=True, exist_ok=True)
     save_model_dir(model, classes, params.paths.source_model)
-    write_json(params.paths.source_report, {"mode": params.source.mode, **report,
-                                            "total_seconds": round(time.perf_counter() - started, 3)})
+    write_report(params.paths.source_report, SourceReport(mode=params.source.mode, **report,
+                                                          total_seconds=round(time.perf_counter() - started, 3)))
     return SourceResult(params.source.mode, report.get("test_accuracy"))

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import keras
 import numpy as np
 
-from components.core.artifacts import write_json, write_text
+from components.core.artifacts import write_text
+from components.core.reports import TransferReport, write_report
 from components.core.config import Params
 from components.data.dataset import class_names
 from components.core.errors import PipelineError
@@ -178,7 +179,7 @@ def run(params: Params) -> TransferResult:
     report["frozen"] = apply_freeze(target, cfg.freeze)
     report.update(freeze=cfg.freeze, match=cfg.match, patterns=list(cfg.layers))
     save_model_dir(target, classes, params.paths.transferred_model)
-    write_json(params.paths.transfer_report, report)
+    write_report(params.paths.transfer_report, TransferReport(**report))
     write_text(params.paths.transfer_table, _table(report, params))
     for item in report["skipped"]:
         log.info("skipped %s: %s", item["layer"], item["reason"])

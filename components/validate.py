@@ -10,10 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from components.core.artifacts import atomic_dir, atomic_path, write_json, write_text
+from components.core.artifacts import atomic_dir, atomic_path, write_text
 from components.core.config import Params
 from components.data.drift import check_drift
 from components.core.errors import PipelineError
+from components.core.reports import Gate, ValidationReport, write_report
 from components.data.expectations import run_suites, summarize
 from components.data.images import MANIFEST_COLUMNS, STAT_COLUMNS, TASKS, class_folders, inspect_image, list_class_images
 from components.data.raw_record import rejected_files
@@ -167,8 +168,8 @@ def _explain(entry: dict[str, Any], manifest: "pd.DataFrame", counts: "pd.DataFr
     return f"{entry['expectation']} {kwargs} failed ({detail})"
 
 
-def _drift_problem(drifted: list[dict[str, Any]], params: Params) -> str:
-    shifts = ", ".join(f"{c['name']} {c['value']:g} > {c['threshold']:g}" for c in drifted)
+def _drift_problem(drifted: list[Gate], params: Params) -> str:
+    shifts = ", ".join(c.why for c in drifted)
     return (f"the data drifted from the last validated dataset ({shifts}; details in {params.paths.drift_report}); "
             "if the change is intended, run `tlpipe drift accept` (this data becomes the reference) and `dvc repro` "
             "again, or raise the validate.drift_max_* bounds")
@@ -235,7 +236,7 @@ def run(params: Params) -> ValidateResult:
         problems = [_explain(e, manifest, counts, params) for e in failed]
         # Only a dataset that passed is compared, and only one that passes becomes the next reference.
         drift = check_drift(manifest, params) if success else None
-        drifted = [c for c in (drift or {}).get("checks", []) if not c["passed"]]
+        drifted = [c for c in (drift.checks if drift else []) if not c.passed]
         if drifted:
             problems.append(_drift_problem(drifted, params))
         gated = success and bool(drifted) and params.validation.drift_gate
@@ -251,8 +252,8 @@ def run(params: Params) -> ValidateResult:
         }
         for task in TASKS
     }
-    write_json(paths.validation, {"success": success, "tasks": tasks, "expectations": entries,
-                                  "unusable": unusable, "duplicates": duplicates})
+    write_report(paths.validation, ValidationReport(success=success, tasks=tasks, expectations=entries,
+                                                    unusable=unusable, duplicates=duplicates))
     result = ValidateResult(success, len(manifest), unusable, duplicates, paths.data_docs)
     if not success or gated:
         raise PipelineError(f"validation failed: {'; '.join(problems)}. Report: {paths.data_docs / 'index.html'}")

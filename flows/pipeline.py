@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,7 @@ from prefect.cache_policies import NO_CACHE
 from components.core.config import Params, load_params
 from components.core.console import quiet_libraries, stage_warnings
 from components.core.errors import PipelineError
+from components.core.reports import ExportReport, GatesReport, MetricsReport, number, read_report
 from components.core import graph
 from components.core.graph import record_in_dvc, stage_names
 
@@ -37,33 +37,20 @@ def run_stage(name: str, params: Params) -> Any:
         return graph.run_stage(name, params)
 
 
-def read_report(path: Path) -> dict[str, Any]:
-    """A JSON report as a dict; {} when it is missing or unreadable (the summary then reads n/a)."""
-    try:
-        report = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return {}
-    return report if isinstance(report, dict) else {}
-
-
-def show(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4f}"
-    return "n/a" if value is None else str(value)
-
-
 def model_rows(params: Params) -> list[tuple[str, str]]:
-    """Metrics, gate verdict and ONNX model of the last run, from the reports on disk."""
-    metrics, gates, export = (read_report(p) for p in (params.paths.metrics, params.paths.gates, params.paths.export_report))
-    verdict = {True: "passed", False: "failed"}.get(gates.get("passed"), "n/a")
-    failed = [g.get("name") for g in gates.get("gates") or [] if isinstance(g, dict) and not g.get("passed")]
+    """Metrics, gate verdict and ONNX model of the last run, from the reports on disk; n/a where a stage has not run."""
+    metrics = read_report(params.paths.metrics, MetricsReport)
+    gates = read_report(params.paths.gates, GatesReport)
+    export = read_report(params.paths.export_report, ExportReport)
+    verdict = "n/a" if gates is None else "passed" if gates.passed else "failed"
+    failed = [g.name for g in gates.failed] if gates else []
     onnx = params.paths.onnx_model if params.paths.onnx_model.is_file() else None
     return [
-        ("accuracy", show(metrics.get("accuracy"))),
-        ("macro F1", show(metrics.get("macro_f1"))),
-        ("gates", verdict + (f" ({', '.join(map(str, failed))})" if failed else "")),
-        ("ONNX model", show(onnx)),
-        ("ONNX parity (max abs diff)", show(export.get("max_abs_diff"))),
+        ("accuracy", number(metrics.accuracy if metrics else None)),
+        ("macro F1", number(metrics.macro_f1 if metrics else None)),
+        ("gates", verdict + (f" ({', '.join(failed)})" if failed else "")),
+        ("ONNX model", number(onnx)),
+        ("ONNX parity (max abs diff)", number(export.max_abs_diff if export else None)),
     ]
 
 

@@ -23,7 +23,9 @@ from prefect.tasks import exponential_backoff
 
 from components.core.config import Params, load_params
 from components.core.errors import PipelineError
-from flows.pipeline import markdown_table, model_rows, read_report, show
+from components.core.reports import (MetricsReport, PromotionReport, QuarantineReport, TransferGainReport, number,
+                                     read_report, require_report)
+from flows.pipeline import markdown_table, model_rows
 
 SUMMARY_KEY = "tlpipe-retrain"
 PER_CLASS_KEY = "tlpipe-retrain-per-class"
@@ -117,55 +119,53 @@ def repro(root: Path, force: bool) -> list[str]:
 
 
 @task(cache_policy=NO_CACHE)
-def promote(params: Params) -> dict[str, Any]:
+def promote(params: Params) -> PromotionReport:
     from components.deploy.promote import run
 
     result = run(params)
     get_run_logger().info("%s", result)
-    return read_report(params.paths.promotion_report)
+    return require_report(params.paths.promotion_report, PromotionReport)
 
 
-def already_judged(params: Params) -> dict[str, Any] | None:
+def already_judged(params: Params) -> PromotionReport | None:
     """The last promotion report when it judged the ONNX model that is there now, else None."""
     from components.data.images import sha256_file
 
-    report = read_report(params.paths.promotion_report)
-    if not params.paths.onnx_model.is_file() or not report:
+    report = read_report(params.paths.promotion_report, PromotionReport)
+    if not params.paths.onnx_model.is_file() or report is None:
         return None
-    return report if (report.get("challenger") or {}).get("sha256") == sha256_file(params.paths.onnx_model) else None
+    return report if report.challenger.sha256 == sha256_file(params.paths.onnx_model) else None
 
 
-def retrain_summary(params: Params, ran: list[str], decision: dict[str, Any], skipped: str | None) -> str:
+def retrain_summary(params: Params, ran: list[str], decision: PromotionReport | None, skipped: str | None) -> str:
     """The run's markdown artifact: data and quarantine counts, metrics, gates, transfer gain, the decision."""
     rows: list[tuple[str, str]] = [("run", f"skipped: {skipped}" if skipped else "retrained")]
     rows.append(("stages run", " -> ".join(ran) or "none"))
-    counts = read_report(params.paths.quarantine).get("counts") or {}
-    for task_name, count in counts.items():
-        if isinstance(count, dict):
-            splits = count.get("splits") or {}
-            rows.append((f"{task_name} images", f"{show(count.get('input'))} in, {show(count.get('kept'))} kept "
-                         f"({', '.join(f'{k} {v}' for k, v in splits.items())}), {show(count.get('quarantined'))} "
-                         f"quarantined, {show(count.get('held_back'))} held back by the label budget"))
+    quarantine = read_report(params.paths.quarantine, QuarantineReport)
+    for task_name, count in (quarantine.counts if quarantine else {}).items():
+        rows.append((f"{task_name} images", f"{count.input} in, {count.kept} kept "
+                     f"({', '.join(f'{k} {v}' for k, v in count.splits.items())}), {count.quarantined} "
+                     f"quarantined, {count.held_back} held back by the label budget"))
     rows += model_rows(params)
-    gain = read_report(params.paths.transfer_gain)
-    rows.append(("transfer gain (accuracy)", show(gain.get("accuracy_gain")) if gain.get("compared") else "not measured"))
+    gain = read_report(params.paths.transfer_gain, TransferGainReport)
+    rows.append(("transfer gain (accuracy)", number(gain.accuracy_gain) if gain and gain.compared else "not measured"))
     if decision:
-        gates = ", ".join(f"{g['name']} {show(g['value'])} ({'pass' if g['passed'] else 'FAIL'})" for g in decision.get("gates", []))
+        gates = ", ".join(f"{g.name} {number(g.value)} ({'pass' if g.passed else 'FAIL'})" for g in decision.gates)
         rows += [
-            ("decision", f"challenger {decision.get('decision')}; production {decision.get('version') or 'none'}"),
-            ("reasons", "; ".join(decision.get("reasons", []))),
+            ("decision", f"challenger {decision.decision}; production {decision.version or 'none'}"),
+            ("reasons", "; ".join(decision.reasons)),
             ("promotion gates", gates or "n/a"),
         ]
     return markdown_table("tlpipe retrain", rows)
 
 
-def per_class_table(params: Params, decision: dict[str, Any]) -> list[dict[str, Any]]:
+def per_class_table(params: Params, decision: PromotionReport | None) -> list[dict[str, Any]]:
     """One row per class: the challenger's metrics through onnxruntime, and the champion's F1 beside them."""
-    challenger = (decision.get("challenger") or {}).get("metrics") or read_report(params.paths.metrics)
-    champion = ((decision.get("champion") or {}).get("metrics") or {}).get("per_class") or {}
+    challenger = decision.challenger.metrics if decision else read_report(params.paths.metrics, MetricsReport)
+    champion = decision.champion.metrics.per_class if decision and decision.champion else {}
     return [
-        {"class": name, **values, "champion_f1": (champion.get(name) or {}).get("f1")}
-        for name, values in (challenger.get("per_class") or {}).items()
+        {"class": name, **values.model_dump(), "champion_f1": champion[name].f1 if name in champion else None}
+        for name, values in (challenger.per_class if challenger else {}).items()
     ]
 
 
@@ -217,7 +217,7 @@ def retrain(params_path: str = "params.yaml", force: bool = False, notify_block:
         decision = promote(params)
     else:
         skipped = (f"nothing changed: data, params and code match dvc.lock, and the challenger was already "
-                   f"judged ({judged.get('decision')}, production {judged.get('version') or 'none'})")
+                   f"judged ({judged.decision}, production {judged.version or 'none'})")
         logger.info("skipping: %s (force=True retrains anyway)", skipped)
         decision = judged
     dvc_push(root)
@@ -226,7 +226,7 @@ def retrain(params_path: str = "params.yaml", force: bool = False, notify_block:
     table = per_class_table(params, decision)
     if table:
         create_table_artifact(table, key=PER_CLASS_KEY, description="per-class metrics of the challenger on the test split")
-    return {"skipped": skipped, "ran": ran, "decision": decision.get("decision"), "version": decision.get("version")}
+    return {"skipped": skipped, "ran": ran, "decision": decision.decision, "version": decision.version}
 
 
 if __name__ == "__main__":

@@ -36,8 +36,10 @@ def test_a_stage_ends_with_its_warnings_and_the_summary_repeats_every_warning_of
     assert "clean: 1 warning(s)" in caplog.text and "  - split shares off their fractions" in caplog.text
     # What the reports say about the run: a 3-image validation split, a weak source model.
     per_class = {"5": {"train": 20, "val": 3, "test": 9}, "6": {"train": 20, "val": 6, "test": 8}}
-    write_json(params.paths.quarantine, {"counts": {"target": {"input": 66, "per_class": per_class}}})
-    write_json(params.paths.source_report, {"test_accuracy": 0.63})
+    counts = {"input": 66, "kept": 66, "quarantined": 0, "held_back": 0, "splits": {"train": 40, "val": 9, "test": 17},
+              "per_class": per_class}
+    write_json(params.paths.quarantine, {"quarantined": [], "counts": {"target": counts}})
+    write_json(params.paths.source_report, {"mode": "train", "test_accuracy": 0.63, "total_seconds": 1.0})
     text = summary(params)
     block = text[text.index("warnings: 3"):]
     assert "clean: split shares off their fractions" in block

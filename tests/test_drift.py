@@ -45,7 +45,7 @@ def test_a_shifted_batch_is_flagged_and_an_unshifted_one_passes(tmp_path: Path) 
     with pytest.raises(PipelineError) as failure:
         validate.run(params)
     message = str(failure.value)
-    assert "the data drifted from the last validated dataset (target.r_mean_change " in message
+    assert "the data drifted from the last validated dataset (target.r_mean_change: " in message
     assert "source." not in message.split("(details")[0]  # only what drifted is named
     assert "tlpipe drift accept" in message
     report = json.loads(params.paths.drift_report.read_text())

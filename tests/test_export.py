@@ -19,6 +19,7 @@ from components.core.config import Params, with_overrides
 from components.core.errors import PipelineError
 from components.training.models import build_model, load_model_dir, save_model_dir
 from components.apps.summary import summary
+from components.core.reports import number
 from tests.conftest import shrunk_params, write_class_folders, write_clean_dataset
 
 CLASSES = ["5", "6", "7"]
@@ -145,12 +146,15 @@ def test_summary_reports_every_stage_and_a_real_image_to_try(exported: tuple[Par
     write_json(paths.metrics, {"accuracy": 0.9731, "macro_f1": 0.9702, "per_class": {}})
     # The transfer stage's layout (tests/test_retrain_deployment.py checks `tlpipe summary` on a real run's).
     transfer = {
+        "layers": [],
         "transferred": [{"layer": f"backbone.{name}", "source": f"backbone.{name}", "weights": 72} for name in ("a", "b")],
         "skipped": [{"layer": "backbone.c", "reason": "shape (3, 3, 1, 8) != (3, 3, 3, 8)"}],
         "reinitialized": [{"layer": "head", "reason": "not selected by transfer.layers"}],
+        "frozen": [], "freeze": "none", "match": "name", "patterns": ["backbone.*"],
     }
     write_json(paths.transfer_report, transfer)
-    per_task = {"input": 10, "kept": 8, "quarantined": 1, "held_back": 1, "splits": {"train": 5}, "per_class": {}}
+    per_task = {"input": 10, "kept": 8, "quarantined": 1, "held_back": 1, "splits": {"train": 5}, "split_shares": {},
+                "leaked_across_splits": 0, "per_class": {}}
     write_json(paths.quarantine, {"quarantined": [], "counts": {"source": per_task, "target": per_task}})
     image = paths.raw / "target" / "5" / "digit_0001.png"
     write_class_folders(paths.raw / "target", ["5"], per_class=1)
@@ -158,11 +162,11 @@ def test_summary_reports_every_stage_and_a_real_image_to_try(exported: tuple[Par
 
     text = summary(params)
     assert "accuracy 0.9731, macro F1 0.9702" in text
-    assert "gates: PASSED" in text and "pass  accuracy: 1 (threshold 0)" in text
+    assert "gates: PASSED" in text and "pass  accuracy: 1.0000 (threshold >= 0.0000)" in text
     assert "transfer: 2 transferred, 1 skipped, 1 reinitialized layers" in text
-    totals = "input 10, kept 8, quarantined 1, held_back 1"
+    totals = "input 10, kept 8, quarantined 1, held_back 1, leaked_across_splits 0"
     assert f"quarantine: source: {totals}; target: {totals}" in text
-    assert f"max |onnx - keras| {result.max_abs_diff:.4g}" in text
+    assert f"max |onnx - keras| {number(result.max_abs_diff)}" in text
     assert f"tlpipe predict {paths.onnx_model} {image}" in text
     assert "dvc plots show" in text
 

@@ -220,7 +220,7 @@ else:
     real = getattr(promote, point)
     def killed_after(*args):
         result = real(*args)
-        if point != "_ensure_tag" or args[1].get("version") == "v2":
+        if point != "_ensure_tag" or getattr(args[1], "version", None) == "v2":
             die()
         return result
     setattr(promote, point, killed_after)

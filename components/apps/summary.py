@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import shlex
 from pathlib import Path
-from typing import Any
 
 from components.apps.init import MIN_SPLIT_IMAGES
 from components.core.config import Params
 from components.core.console import warnings_file
 from components.core.errors import PipelineError
 from components.core.graph import stage_names
+from components.core.reports import (ExportReport, GatesReport, MetricsReport, QuarantineReport, SourceReport,
+                                     TransferReport, WarningsReport, gate_rows, number, read_report)
 from components.data.images import TASKS, is_image_name
 
 
@@ -23,81 +23,54 @@ def _show(path: Path) -> str:
         return str(path)
 
 
-def _read(path: Path, stage: str) -> tuple[Any, str | None]:
-    """(report, None), or (None, a line saying why it is missing or unreadable)."""
-    if not Path(path).is_file():
-        return None, f"{_show(path)} missing: the {stage} stage has not run yet (dvc repro {stage})"
-    try:
-        report = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as error:
-        return None, f"{_show(path)} unreadable ({error}): rerun the {stage} stage (dvc repro --force {stage})"
-    if not isinstance(report, dict):
-        return None, f"{_show(path)} holds no JSON object: rerun the {stage} stage (dvc repro --force {stage})"
-    return report, None
-
-
-def _number(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
+def _missing(path: Path, stage: str) -> str:
+    return f"{_show(path)} missing: the {stage} stage has not run yet (dvc repro {stage})"
 
 
 def _metrics(params: Params) -> list[str]:
-    metrics, problem = _read(params.paths.metrics, "evaluate")
-    if problem:
-        return [problem]
-    return [
-        f"target test accuracy {_number(metrics.get('accuracy', '?'))}, "
-        f"macro F1 {_number(metrics.get('macro_f1', '?'))}"
-    ]
+    metrics = read_report(params.paths.metrics, MetricsReport)
+    if metrics is None:
+        return [_missing(params.paths.metrics, MetricsReport.STAGE)]
+    return [f"target test accuracy {number(metrics.accuracy)}, macro F1 {number(metrics.macro_f1)}"]
 
 
 def _gates(params: Params) -> list[str]:
-    gates, problem = _read(params.paths.gates, "evaluate")
-    if problem:
-        return [problem]
-    lines = [f"gates: {'PASSED' if gates.get('passed') else 'FAILED'}"]
-    for gate in gates.get("gates", []):
-        verdict = "pass" if gate.get("passed") else "FAIL"
-        lines.append(
-            f"  {verdict}  {gate.get('name', '?')}: {_number(gate.get('value', '?'))} "
-            f"(threshold {_number(gate.get('threshold', '?'))})"
-        )
+    gates = read_report(params.paths.gates, GatesReport)
+    if gates is None:
+        return [_missing(params.paths.gates, GatesReport.STAGE)]
+    lines = [f"gates: {'PASSED' if gates.passed else 'FAILED'}"]
+    lines += [f"  {'pass' if passed else 'FAIL'}  {name}: {value} (threshold {bound})"
+              for name, value, bound, passed in gate_rows(gates.gates)]
     return lines
 
 
 def _transfer(params: Params) -> list[str]:
-    report, _ = _read(params.paths.transfer_report, "transfer")
+    report = read_report(params.paths.transfer_report, TransferReport)
     if report is None:
         return []
-    counts = ", ".join(f"{len(report.get(key) or [])} {key}" for key in ("transferred", "skipped", "reinitialized"))
+    counts = ", ".join(f"{len(getattr(report, key))} {key}" for key in ("transferred", "skipped", "reinitialized"))
     return [f"transfer: {counts} layers"]
 
 
 def _quarantine(params: Params) -> list[str]:
-    report, _ = _read(params.paths.quarantine, "clean")
-    if report is None or "counts" not in report:
+    report = read_report(params.paths.quarantine, QuarantineReport)
+    if report is None:
         return []
-    counts = report["counts"]
-    if not isinstance(counts, dict):
-        return [f"quarantine: {counts}"]
-    if counts and all(isinstance(value, dict) for value in counts.values()):  # per task, as clean writes it
-        return [f"quarantine: {'; '.join(f'{task}: {_totals(value)}' for task, value in counts.items())}"]
-    return [f"quarantine: {_totals(counts)}"]
-
-
-def _totals(counts: dict[str, Any]) -> str:
-    """The top-level numbers of a counts mapping ("input 250, kept 200, ..."), leaving out nested detail."""
-    return ", ".join(f"{key} {value}" for key, value in counts.items() if isinstance(value, (int, float)))
+    totals = {task: ", ".join(f"{key} {getattr(counts, key)}" for key in ("input", "kept", "quarantined", "held_back",
+                                                                               "leaked_across_splits"))
+              for task, counts in report.counts.items()}
+    return [f"quarantine: {'; '.join(f'{task}: {line}' for task, line in totals.items())}"]
 
 
 def _export(params: Params) -> list[str]:
-    report, problem = _read(params.paths.export_report, "export")
-    if problem:
-        return [problem]
+    report = read_report(params.paths.export_report, ExportReport)
+    if report is None:
+        return [_missing(params.paths.export_report, ExportReport.STAGE)]
     if not Path(params.paths.onnx_model).is_file():
         return [f"{_show(params.paths.onnx_model)} missing: rerun the export stage (dvc repro export)"]
     return [
-        f"ONNX model: {_show(params.paths.onnx_model)} (opset {report.get('opset', '?')}, "
-        f"max |onnx - keras| {_number(report.get('max_abs_diff', '?'))})"
+        f"ONNX model: {_show(params.paths.onnx_model)} (opset {report.opset}, "
+        f"max |onnx - keras| {number(report.max_abs_diff)})"
     ]
 
 
@@ -113,13 +86,13 @@ def _example_image(params: Params) -> str:
 
 
 def _small_splits(params: Params) -> list[str]:
-    report, _ = _read(params.paths.quarantine, "clean")
-    counts = (report or {}).get("counts")
-    if not isinstance(counts, dict):
+    report = read_report(params.paths.quarantine, QuarantineReport)
+    if report is None:
         return []
     found = []
     for task in TASKS:
-        for label, split_counts in (counts.get(task, {}).get("per_class") or {}).items():
+        counts = report.counts.get(task)
+        for label, split_counts in (counts.per_class if counts else {}).items():
             small = [f"{split_counts.get(split, 0)} {split}" for split in ("val", "test")
                      if split_counts.get(split, 0) < MIN_SPLIT_IMAGES]
             if small:
@@ -129,10 +102,10 @@ def _small_splits(params: Params) -> list[str]:
 
 
 def _weak_source(params: Params) -> list[str]:
-    report, _ = _read(params.paths.source_report, "source")
-    accuracy = (report or {}).get("test_accuracy")
-    if isinstance(accuracy, (int, float)) and accuracy < params.evaluate.min_accuracy:
-        return [f"the source model reached test accuracy {accuracy:.4f}, below evaluate.min_accuracy "
+    report = read_report(params.paths.source_report, SourceReport)
+    accuracy = report.test_accuracy if report else None
+    if accuracy is not None and accuracy < params.evaluate.min_accuracy:
+        return [f"the source model reached test accuracy {number(accuracy)}, below evaluate.min_accuracy "
                 f"{params.evaluate.min_accuracy:g}: transfer starts from weak features (more source epochs or data, "
                 "or a pretrained backbone: tlpipe init)"]
     return []
@@ -146,8 +119,8 @@ def _stage_warnings(params: Params) -> list[str]:
         stages = sorted(path.stem for path in Path(params.paths.warnings).glob("*.json"))
     found = []
     for stage in stages:
-        report, _ = _read(warnings_file(params.paths.warnings, stage), stage)
-        found += [f"{stage}: {message}" for message in (report or {}).get("warnings", [])]
+        report = read_report(warnings_file(params.paths.warnings, stage), WarningsReport, stage)
+        found += [f"{stage}: {message}" for message in (report.warnings if report else [])]
     return found
 
 

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 
-from components.core.artifacts import write_json
+from components.core.reports import WarningsReport, write_report
 
 OWN_LOGGERS = ("tlpipe", "components", "flows")
 
@@ -128,7 +128,7 @@ def stage_warnings(stage: str, folder: Path) -> Iterator[list[str]]:
         yield collect.messages
     finally:
         root.removeHandler(collect)
-        write_json(warnings_file(folder, stage), {"stage": stage, "warnings": collect.messages})
+        write_report(warnings_file(folder, stage), WarningsReport(stage=stage, warnings=collect.messages))
         if collect.messages:
             lines = "\n".join(f"  - {message}" for message in collect.messages)
             logging.getLogger("tlpipe").warning("%s: %d warning(s) in %.0f s:\n%s", stage, len(collect.messages),

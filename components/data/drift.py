@@ -13,9 +13,10 @@ import logging
 import math
 from typing import TYPE_CHECKING, Any
 
-from components.core.artifacts import read_json, write_json
 from components.core.config import Params
 from components.core.errors import PipelineError
+from components.core.reports import (Comparison, DriftReference, DriftReport, Gate, build_gates, read_report,
+                                     write_report)
 from components.data.csv_manifest import is_csv_manifest
 from components.data.images import TASKS
 
@@ -68,13 +69,13 @@ def dataset_stats(manifest: "pd.DataFrame") -> dict[str, Any]:
     return stats
 
 
-def compare(current: dict[str, Any], reference: dict[str, Any], params: Params) -> list[dict[str, Any]]:
-    """One check per task and measure: {name, value, threshold, passed}, the same shape evaluate's gates use."""
+def compare(current: dict[str, Any], reference: dict[str, Any], params: Params) -> list[Gate]:
+    """One gate per task and measure: the change must stay within its bound."""
     limits = params.validation
-    checks: list[dict[str, Any]] = []
+    checks: list[tuple[str, float, float, Comparison]] = []
 
-    def check(name: str, value: float, threshold: float) -> None:
-        checks.append({"name": name, "value": round(value, 4), "threshold": threshold, "passed": value <= threshold})
+    def check(name: str, value: float, bound: float) -> None:
+        checks.append((name, round(value, 4), bound, "<="))
 
     for task in TASKS:
         cur, ref = current.get(task, {}), reference.get(task, {})
@@ -91,7 +92,7 @@ def compare(current: dict[str, Any], reference: dict[str, Any], params: Params) 
             for stat in ("mean", "std"):
                 check(f"{task}.{c}_{stat}_change", abs(cur["channels"][c][stat] - ref["channels"][c][stat]),
                       limits.drift_max_channel_change)
-    return checks
+    return build_gates(checks)
 
 
 def _differences(current: dict[str, Any], reference: dict[str, Any]) -> str:
@@ -101,45 +102,41 @@ def _differences(current: dict[str, Any], reference: dict[str, Any]) -> str:
     return ", ".join(changed) or "no dataset recorded in the reference"
 
 
-def check_drift(manifest: "pd.DataFrame", params: Params) -> dict[str, Any]:
+def check_drift(manifest: "pd.DataFrame", params: Params) -> DriftReport:
     """Compare with paths.drift_reference when it belongs to the same dataset, write paths.drift_report, and
     adopt this batch as the reference when it passes (or when the reference is absent or another dataset's).
     Returns the report; `passed` False means a bound was exceeded."""
-    reference_path, report_path = params.paths.drift_reference, params.paths.drift_report
     identity, current = dataset_identity(manifest, params), dataset_stats(manifest)
-    stored = read_json(reference_path) if reference_path.is_file() else None
+    stored = read_report(params.paths.drift_reference, DriftReference)
     if stored is None:
-        report: dict[str, Any] = {"passed": True, "status": NO_REFERENCE, "checks": []}
-    elif stored.get("dataset") != identity:
-        report = {"passed": True, "status": NEW_DATASET, "checks": [],
-                  "changed": _differences(identity, stored.get("dataset") or {})}
+        report = DriftReport(passed=True, status=NO_REFERENCE, checks=[], dataset=identity, current=current)
+    elif stored.dataset != identity:
+        report = DriftReport(passed=True, status=NEW_DATASET, checks=[], changed=_differences(identity, stored.dataset),
+                             dataset=identity, current=current)
         log.warning("drift: new dataset (%s): recorded it as the drift reference; the drift gate guards "
-                    "new data for this dataset from now on", report["changed"])
+                    "new data for this dataset from now on", report.changed)
     else:
-        checks = compare(current, stored["stats"], params)
-        report = {"passed": all(c["passed"] for c in checks), "status": COMPARED, "checks": checks,
-                  "reference": stored["stats"]}
-    report.update(dataset=identity, current=current)
-    write_json(report_path, report)
-    if report["passed"]:
+        checks = compare(current, stored.stats, params)
+        report = DriftReport(passed=all(c.passed for c in checks), status=COMPARED, checks=checks,
+                             reference=stored.stats, dataset=identity, current=current)
+    write_report(params.paths.drift_report, report)
+    if report.passed:
         record_reference(report, params)
-    log.info("drift: %s (%s)", report["status"], "passed" if report["passed"] else "BOUNDS EXCEEDED")
+    log.info("drift: %s (%s)", report.status, "passed" if report.passed else "BOUNDS EXCEEDED")
     return report
 
 
-def record_reference(report: dict[str, Any], params: Params) -> None:
+def record_reference(report: DriftReport, params: Params) -> None:
     """The batch a drift report describes becomes the next run's reference."""
-    write_json(params.paths.drift_reference, {"dataset": report["dataset"], "stats": report["current"]})
+    write_report(params.paths.drift_reference, DriftReference(dataset=report.dataset, stats=report.current))
 
 
 def accept(params: Params) -> str:
     """`tlpipe drift accept`: adopt the last validated batch (paths.drift_report) as the reference."""
     path = params.paths.drift_report
-    if not path.is_file():
+    report = read_report(path, DriftReport)
+    if report is None:
         raise PipelineError(f"{path} not found: run `dvc repro validate` first, then accept its data")
-    report = read_json(path)
-    if "dataset" not in report or "current" not in report:
-        raise PipelineError(f"{path} predates per-dataset drift references: run `dvc repro validate` again")
     record_reference(report, params)
     return (f"accepted the data of the last validate run as the drift reference ({params.paths.drift_reference}); "
             "`dvc repro` now continues from validate")

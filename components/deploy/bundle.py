@@ -13,15 +13,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 import onnx
 
 from components.core.artifacts import atomic_dir
 from components.core.errors import PipelineError
+from components.core.reports import ExportReport, GatesReport, Lineage, gate_table, number
 
 TRITON_NAME = "tlpipe_classifier"
+CARD_FILE = "MODEL_CARD.md"
+LINEAGE_FILE = "lineage.json"
 TRITON_MAX_BATCH = 64
 
 # ONNX element type -> Triton data_type (model_config.proto); the types an image classifier uses.
@@ -78,50 +81,81 @@ def triton_config(model: onnx.ModelProto, name: str, max_batch_size: int) -> str
     )
 
 
-def _model_card(
-    meta: dict[str, str], sha256: str, size: int, export_report: dict[str, Any], gates: dict[str, Any]
-) -> str:
+def labels_text(labels: Iterable[str]) -> str:
+    """labels.txt: one class name a line, in output order (the bundle's, Triton's and a release's)."""
+    return "".join(f"{label}\n" for label in labels)
+
+
+def metadata(model: onnx.ModelProto, path: Path) -> dict[str, str]:
+    """The tlpipe metadata of an exported model (labels, input spec, preprocessing, version)."""
+    meta = {prop.key: prop.value for prop in model.metadata_props}
+    if "labels" not in meta or "input_spec" not in meta:
+        raise PipelineError(f"{path}: ONNX model without tlpipe metadata; export it with `tlpipe stage export`")
+    return meta
+
+
+def _lineage_section(lineage: Lineage) -> list[str]:
+    code, data, metrics = lineage.code, lineage.dvc.get("data") or {}, lineage.metrics
+    challenger, champion = metrics["challenger"], metrics.get("champion")
+    return [
+        f"## Lineage: release {lineage.version}",
+        "",
+        f"- Promoted {lineage.time}; ONNX sha256 `{lineage.onnx_sha256}`",
+        f"- Code: commit `{code['commit']}`" + (" with uncommitted changes" if code.get("dirty") else "")
+        if code.get("commit") else f"- Code: {code.get('note')}",
+        f"- Git tag: `{lineage.tag}`" if lineage.tag else "- Git tag: none",
+        f"- Replaced: {lineage.replaced or 'nothing (first champion: absolute gates only)'}",
+        "- Data (md5 as dvc.lock pins them):" if data
+        else f"- Data: {lineage.dvc.get('note', 'no data outputs in dvc.lock')}",
+        *(f"  - `{path}`: `{md5}`" for path, md5 in data.items()),
+        f"- Test split: {challenger.test_images} images; accuracy {number(challenger.accuracy)}, macro F1 "
+        f"{number(challenger.macro_f1)}"
+        + (f" (champion it replaced: {number(champion.accuracy)}, {number(champion.macro_f1)})" if champion else ""),
+        "",
+        "### Promotion gates",
+        "",
+        gate_table(lineage.gates),
+        "",
+        f"Params, every DVC output hash and per-class metrics: `{LINEAGE_FILE}`.",
+        "",
+    ]
+
+
+def model_card(data: bytes, export_report: ExportReport | None, gates: GatesReport | None,
+               lineage: Lineage | None = None) -> str:
+    """MODEL_CARD.md of an exported model: the bundle's (export facts and evaluation gates), and a release's
+    (the same, when the export report describes this model, then its lineage and promotion gates)."""
+    meta = metadata(onnx.load_from_string(data), Path("model.onnx"))
     labels = json.loads(meta["labels"])
     spec = json.loads(meta["input_spec"])
-    gate_lines = [
-        f"| {g.get('name')} | {g.get('value')} | {g.get('threshold')} | {'pass' if g.get('passed') else 'FAIL'} |"
-        for g in gates.get("gates", [])
-    ] or ["| (none recorded) | | | |"]
-    variants = export_report.get("variants", {})
-    variant_lines = [
-        f"- `{name}`: {'accepted' if v.get('accepted') else 'refused'} ({v.get('reason', '')})"
-        for name, v in variants.items()
-    ] or ["- none built (export.variants in params.yaml)"]
     side = spec["image_size"]
+    if export_report is not None:
+        parity = (f"- ONNX opset {export_report.opset}; onnxruntime agrees with the Keras model to\n"
+                  f"  {export_report.max_abs_diff:.1e} (max |difference|) on held-out images.\n")
+        variants = [f"- `{name}`: {'accepted' if v.get('accepted') else 'refused'} ({v.get('reason', '')})"
+                    for name, v in export_report.variants.items()] or ["- none built (export.variants in params.yaml)"]
+        variants_text = "\n## Optimized variants\n\n" + "\n".join(variants) + "\n"
+    else:
+        parity, variants_text = "", ""
+    gates_text = ("\n## Evaluation gates (held-out target test split)\n\n" + gate_table(gates.gates) + "\n"
+                  if gates is not None else "")
     # No timestamp: an unchanged model must give a byte-identical bundle (DVC then stores nothing new).
-    return f"""# Model card: tlpipe image classifier
+    card = f"""# Model card: tlpipe image classifier
 
 Written by the tlpipe export stage (tlpipe {meta.get('tlpipe_version', 'unknown')}).
 
 ## Model
 
-- File: `model.onnx`, {size} bytes, sha256 `{sha256}`
+- File: `model.onnx`, {len(data)} bytes, sha256 `{hashlib.sha256(data).hexdigest()}`
 - Classes ({len(labels)}), in output order: {', '.join(f'`{label}`' for label in labels)} (also `labels.txt`)
 - Input `{spec['name']}`: {spec['dtype']} {spec['layout']}, {spec['channels']} channel(s) ({spec['color_mode']}),
   any batch and any height/width; the model scales and resizes to {side}x{side} inside.
 - Output: softmax probabilities, one per class.
-- ONNX opset {export_report.get('opset', '?')}; onnxruntime agrees with the Keras model to
-  {export_report.get('max_abs_diff', float('nan')):.1e} (max |difference|) on held-out images.
-
+{parity}
 ## Preprocessing
 
 {meta.get('preprocessing', '')}
-
-## Evaluation gates (held-out target test split)
-
-| gate | value | threshold | result |
-| --- | --- | --- | --- |
-{chr(10).join(gate_lines)}
-
-## Optimized variants
-
-{chr(10).join(variant_lines)}
-
+{gates_text}{variants_text}
 ## Serving
 
 - HTTP: `tlpipe serve model.onnx --host 0.0.0.0 --port 8000`, then
@@ -136,10 +170,11 @@ Trained on the image folders named in params.yaml only; it labels every input as
 classes above, including images of none of them. Check the metrics before trusting it on a new
 kind of image.
 """
+    return card if lineage is None else card + "\n" + "\n".join(_lineage_section(lineage))
 
 
 def write_bundle(
-    model_path: Path, out_dir: Path, export_report: dict[str, Any], gates: dict[str, Any], name: str = TRITON_NAME,
+    model_path: Path, out_dir: Path, export_report: ExportReport, gates: GatesReport, name: str = TRITON_NAME,
     report_html: Path | None = None,
 ) -> Path:
     """Write the bundle folder atomically (a killed run leaves the previous bundle whole).
@@ -148,15 +183,11 @@ def write_bundle(
     """
     data = Path(model_path).read_bytes()
     model = onnx.load_from_string(data)
-    meta = {prop.key: prop.value for prop in model.metadata_props}
-    if "labels" not in meta or "input_spec" not in meta:
-        raise PipelineError(f"{model_path}: ONNX model without tlpipe metadata; export it with `tlpipe stage export`")
-    labels_txt = "".join(f"{label}\n" for label in json.loads(meta["labels"]))
-    sha256 = hashlib.sha256(data).hexdigest()
+    labels_txt = labels_text(json.loads(metadata(model, model_path)["labels"]))
     with atomic_dir(out_dir) as folder:
         (folder / "model.onnx").write_bytes(data)
         (folder / "labels.txt").write_text(labels_txt)
-        (folder / "MODEL_CARD.md").write_text(_model_card(meta, sha256, len(data), export_report, gates))
+        (folder / CARD_FILE).write_text(model_card(data, export_report, gates))
         if report_html is not None and Path(report_html).is_file():
             from components.deploy.report import refresh_export
 

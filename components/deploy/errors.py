@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from components.core.artifacts import atomic_dir
+from components.core.reports import ErrorsReport, dump
 
 if TYPE_CHECKING:
     import keras
@@ -52,6 +53,6 @@ def write_explained_errors(model: keras.Model, split: Split, probabilities: np.n
             cases.append({"path": paths[index], "true": classes[labels[index]], "predicted": classes[predicted[index]],
                           "probability": round(float(probabilities[index, predicted[index]]), 6),
                           "image": f"{name}.png", "overlay": f"{name}.gradcam.png"})
-        (folder / ERRORS_FILE).write_text(json.dumps(
-            {"layer": cam.layer, "misclassified": int(len(wrong)), "shown": len(cases), "cases": cases}, indent=2) + "\n")
+        report = ErrorsReport(layer=cam.layer, misclassified=int(len(wrong)), shown=len(cases), cases=cases)
+        (folder / ERRORS_FILE).write_text(json.dumps(dump(report), indent=2) + "\n")  # the folder is written atomically
     return int(len(wrong))

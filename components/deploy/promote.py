@@ -27,20 +27,22 @@ from typing import Any
 
 import yaml
 
-from components.core.artifacts import sweep_temporaries, temp_dir, write_json, write_text
+from components.core.artifacts import sweep_temporaries, temp_dir, write_text
 from components.core.config import Params
 from components.data.dataset import Split, load_split
 from components.core.errors import PipelineError
 from components.core.metrics import compute_metrics
+from components.core.reports import (ExportReport, GatesReport, Gate, Lineage, PromotionReport, build_gates, dump,
+                                     gate_table, metric_gates, number, read_report, write_report)
 from components.data.images import sha256_file
 from components.deploy import onnx_runtime
+from components.deploy.bundle import CARD_FILE, LINEAGE_FILE, labels_text, model_card
 from components.deploy.predict import OnnxModel
 
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.onnx"
-LINEAGE_FILE = "lineage.json"
-CARD_FILE = "MODEL_CARD.md"
+LABELS_FILE = "labels.txt"
 _VERSION = re.compile(r"^v(\d+)$")
 EXPORT_STAGE = "export"  # the dvc.yaml stage that writes the challenger, paths.onnx_model
 
@@ -92,18 +94,14 @@ def current_champion(params: Params) -> tuple[str, Path] | None:
     return release.name, release
 
 
-def gates(challenger: dict[str, Any], champion: dict[str, Any] | None, params: Params) -> list[dict[str, Any]]:
+def gates(challenger: dict[str, Any], champion: dict[str, Any] | None, params: Params) -> list[Gate]:
     """Absolute thresholds (evaluate's), then the largest allowed regression against a comparable champion."""
     metrics = challenger["metrics"]
-    result = [
-        {"name": f"min_{name}", "value": metrics[name], "threshold": threshold, "passed": metrics[name] >= threshold}
-        for name, threshold in (("accuracy", params.evaluate.min_accuracy), ("macro_f1", params.evaluate.min_macro_f1))
-    ]
+    result = metric_gates(metrics, params.evaluate.min_accuracy, params.evaluate.min_macro_f1)
     if champion is not None:
-        for name in ("accuracy", "macro_f1"):
-            drop = round(champion["metrics"][name] - metrics[name], 6)
-            limit = params.promote.max_regression
-            result.append({"name": f"max_{name}_regression", "value": drop, "threshold": limit, "passed": drop <= limit})
+        limit = params.promote.max_regression
+        result += build_gates((f"max_{name}_regression", round(champion["metrics"][name] - metrics[name], 6), limit, "<=")
+                              for name in ("accuracy", "macro_f1"))
     return result
 
 
@@ -189,12 +187,14 @@ def _next_version(params: Params, root: Path) -> str:
     return f"v{max(taken, default=0) + 1}"
 
 
-def _ensure_tag(root: Path, lineage: dict[str, Any]) -> tuple[str | None, bool]:
+def _ensure_tag(root: Path, lineage: Lineage | None) -> tuple[str | None, bool]:
     """The git tag the release's lineage names, on the commit it names: (tag or None, whether created now).
 
     Idempotent, so a rerun completes a promotion killed between the production link and the tag.
     """
-    name, commit = lineage.get("tag"), (lineage.get("code") or {}).get("commit")
+    if lineage is None:
+        return None, False
+    name, commit = lineage.tag, lineage.code.get("commit")
     if not name or not commit:
         return None, False
     existing = _git(["rev-parse", "--verify", "--quiet", f"refs/tags/{name}^{{commit}}"], root)
@@ -209,9 +209,8 @@ def _ensure_tag(root: Path, lineage: dict[str, Any]) -> tuple[str | None, bool]:
     return name, True
 
 
-def _lineage(release: Path) -> dict[str, Any]:
-    path = release / LINEAGE_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
+def _lineage(release: Path) -> Lineage | None:
+    return read_report(release / LINEAGE_FILE, Lineage)
 
 
 def _release_holding(releases: Path, sha256: str) -> Path | None:
@@ -223,80 +222,35 @@ def _release_holding(releases: Path, sha256: str) -> Path | None:
     return max(found, key=lambda p: int(p.name[1:]), default=None)
 
 
-def _gate_table(rows: list[dict[str, Any]]) -> list[str]:
-    lines = ["| gate | value | threshold | result |", "| --- | --- | --- | --- |"]
-    lines += [f"| {g['name']} | {g['value']} | {g['threshold']} | {'pass' if g['passed'] else 'FAIL'} |" for g in rows]
-    return lines
-
-
-def summary_markdown(report: dict[str, Any]) -> str:
+def summary_markdown(report: PromotionReport) -> str:
     """The decision for people: verdict, reasons, gates, both models' metrics."""
-    champion = report.get("champion")
     lines = [
-        f"# Promotion: challenger {report['decision']}",
+        f"# Promotion: challenger {report.decision}",
         "",
-        f"- Production: {report.get('version') or 'no champion yet'}"
-        + (f" (git tag `{report['tag']}`)" if report.get("tag") else ""),
-        f"- Champion before: {report.get('champion_version') or 'none (first promotion: absolute gates only)'}",
-        *(f"- {reason}" for reason in report["reasons"]),
+        f"- Production: {report.version or 'no champion yet'}" + (f" (git tag `{report.tag}`)" if report.tag else ""),
+        f"- Champion before: {report.champion_version or 'none (first promotion: absolute gates only)'}",
+        *(f"- {reason}" for reason in report.reasons),
         "",
-        *_gate_table(report["gates"]),
+        gate_table(report.gates),
         "",
         "| model | sha256 | accuracy | macro F1 |",
         "| --- | --- | --- | --- |",
     ]
-    for name, side in (("challenger", report["challenger"]), ("champion", champion)):
+    for name, side in (("challenger", report.challenger), ("champion", report.champion)):
         if side:
-            m = side["metrics"]
-            lines.append(f"| {name} | `{side['sha256'][:12]}` | {m['accuracy']:.4f} | {m['macro_f1']:.4f} |")
+            m = side.metrics
+            lines.append(f"| {name} | `{side.sha256[:12]}` | {number(m.accuracy)} | {number(m.macro_f1)} |")
     return "\n".join(lines) + "\n"
 
 
-def _model_card(params: Params, lineage: dict[str, Any]) -> str:
-    """The export bundle's card for this exact model (when the bundle holds it), then the lineage."""
-    card = "# Model card: tlpipe image classifier\n"
-    bundle = params.paths.bundle
-    if (bundle / MODEL_FILE).is_file() and sha256_file(bundle / MODEL_FILE) == lineage["onnx_sha256"]:
-        card = (bundle / CARD_FILE).read_text()
-    code = lineage["code"]
-    data = lineage["dvc"].get("data") or {}
-    metrics = lineage["metrics"]
-    champion = metrics.get("champion")
-    lines = [
-        card.rstrip(),
-        "",
-        f"## Lineage: release {lineage['version']}",
-        "",
-        f"- Promoted {lineage['time']}; ONNX sha256 `{lineage['onnx_sha256']}`",
-        f"- Code: commit `{code['commit']}`" + (" with uncommitted changes" if code.get("dirty") else "")
-        if code.get("commit") else f"- Code: {code.get('note')}",
-        f"- Git tag: `{lineage['tag']}`" if lineage.get("tag") else "- Git tag: none",
-        f"- Replaced: {lineage['replaced'] or 'nothing (first champion: absolute gates only)'}",
-        "- Data (md5 as dvc.lock pins them):" if data else f"- Data: {lineage['dvc'].get('note', 'no data outputs in dvc.lock')}",
-        *(f"  - `{path}`: `{md5}`" for path, md5 in data.items()),
-        f"- Test split: {metrics['challenger']['test_images']} images; accuracy "
-        f"{metrics['challenger']['accuracy']:.4f}, macro F1 {metrics['challenger']['macro_f1']:.4f}"
-        + (f" (champion it replaced: {champion['accuracy']:.4f}, {champion['macro_f1']:.4f})" if champion else ""),
-        "",
-        "### Promotion gates",
-        "",
-        *_gate_table(lineage["gates"]),
-        "",
-        f"Params, every DVC output hash and per-class metrics: `{LINEAGE_FILE}`.",
-    ]
-    return "\n".join(lines) + "\n"
-
-
-def _reasons(rows: list[dict[str, Any]], champion_version: str | None, comparable: bool) -> list[str]:
-    failed = [g for g in rows if not g["passed"]]
+def _reasons(rows: list[Gate], champion_version: str | None, comparable: bool) -> list[str]:
+    failed = [g for g in rows if not g.passed]
     reasons = []
     if champion_version is None:
         reasons.append("no champion yet: absolute gates only")
     elif not comparable:
         reasons.append(f"champion {champion_version} predicts other classes than the current test split: absolute gates only")
-    for g in failed:
-        relation = "above" if g["name"].endswith("_regression") else "below"
-        reasons.append(f"{g['name']}: {g['value']} {relation} the threshold {g['threshold']}")
+    reasons += [g.why for g in failed]
     if not failed:
         reasons.append("every gate passed")
     return reasons
@@ -379,7 +333,7 @@ def run(params: Params) -> PromotionResult:
             completed.append(f"created the git tag {report['tag']} of production {champion_version}, which an interrupted promotion left out")
     if champion is not None and champion["sha256"] == challenger["sha256"]:
         decision, version, reasons = "kept", champion_version, [f"the challenger is the champion {champion_version} (same ONNX sha256)"]
-    elif not all(g["passed"] for g in rows):
+    elif not all(g.passed for g in rows):
         decision, version = "rejected", champion_version
     else:
         decision = "promoted"
@@ -395,14 +349,15 @@ def run(params: Params) -> PromotionResult:
         report["tag"], _ = _ensure_tag(root, _lineage(release))
         log.info("promoted %s to %s", release, paths.production)
     report.update(decision=decision, version=version, reasons=[*reasons, *completed])
-    write_json(paths.promotion_report, report)
-    write_text(paths.promotion_summary, summary_markdown(report))
-    return PromotionResult(decision, version, tuple(report["reasons"]))
+    promotion = PromotionReport.model_validate(report)
+    write_report(paths.promotion_report, promotion)
+    write_text(paths.promotion_summary, summary_markdown(promotion))
+    return PromotionResult(decision, version, tuple(promotion.reasons))
 
 
 def _release_files(
     params: Params, root: Path, challenger: dict[str, Any], champion: dict[str, Any] | None,
-    champion_version: str | None, rows: list[dict[str, Any]], now: str,
+    champion_version: str | None, rows: list[Gate], now: str,
 ) -> tuple[str, dict[str, bytes]]:
     """The next version and the files of its release: the model exactly as scored, labels, lineage, card."""
     version = _next_version(params, root)
@@ -410,17 +365,21 @@ def _release_files(
     if hashlib.sha256(data).hexdigest() != challenger["sha256"]:
         raise PipelineError(f"{params.paths.onnx_model} changed while it was being scored: rerun tlpipe promote")
     code = code_version(root)
-    lineage = {
-        "version": version, "time": now, "replaced": champion_version, "onnx_sha256": challenger["sha256"],
-        "labels": challenger["labels"], "gates": rows,
-        "metrics": {"challenger": challenger["metrics"], "champion": champion["metrics"] if champion else None},
-        "code": code, "dvc": dvc_hashes(params),
-        "params": params.model_dump(by_alias=True, mode="json", exclude={"paths"}),
-        "tag": f"{params.promote.tag_prefix}{version[1:]}" if params.promote.tag_prefix and code["commit"] else None,
-    }
+    lineage = Lineage(
+        version=version, time=now, replaced=champion_version, onnx_sha256=challenger["sha256"],
+        labels=challenger["labels"], gates=rows,
+        metrics={"challenger": challenger["metrics"], "champion": champion["metrics"] if champion else None},
+        code=code, dvc=dvc_hashes(params),
+        params=params.model_dump(by_alias=True, mode="json", exclude={"paths"}),
+        tag=f"{params.promote.tag_prefix}{version[1:]}" if params.promote.tag_prefix and code["commit"] else None,
+    )
+    # The export facts and evaluation gates belong in the card only when they describe this very model.
+    export = read_report(params.paths.export_report, ExportReport)
+    same = export is not None and export.onnx_sha256 == challenger["sha256"]
     return version, {
         MODEL_FILE: data,
-        "labels.txt": "".join(f"{label}\n" for label in challenger["labels"]).encode(),
-        LINEAGE_FILE: (json.dumps(lineage, indent=2) + "\n").encode(),
-        CARD_FILE: _model_card(params, lineage).encode(),
+        LABELS_FILE: labels_text(challenger["labels"]).encode(),
+        LINEAGE_FILE: (json.dumps(dump(lineage), indent=2) + "\n").encode(),
+        CARD_FILE: model_card(data, export if same else None,
+                              read_report(params.paths.gates, GatesReport) if same else None, lineage).encode(),
     }

@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import logging
 import subprocess
 from dataclasses import dataclass
@@ -25,6 +24,9 @@ import numpy as np
 import yaml
 
 from components.core.config import Params
+from components.core.reports import (ClassMetrics, DriftReport, ExportReport, FinetuneReport, Gate, GatesReport,
+                                     MetricsReport, QuarantineReport, SourceReport, TransferGainReport, TransferReport,
+                                     ValidationReport, gate_rows, number, read_report)
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +72,10 @@ def esc(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
 
-def fmt(value: Any, digits: int = 4) -> str:
-    if isinstance(value, bool) or value is None:
-        return {True: "yes", False: "no", None: "n/a"}[value]
-    if isinstance(value, float):
-        return f"{value:.{digits}g}" if abs(value) < 1e-3 and value != 0 else f"{value:.{digits}f}"
-    return str(value)
+def fmt(value: Any) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return number(value)
 
 
 def table(header: list[str], rows: list[list[Any]]) -> str:
@@ -92,6 +92,12 @@ def table(header: list[str], rows: list[list[Any]]) -> str:
 
 class Raw(str):
     """HTML already escaped (a verdict span, an image), put in a table cell as is."""
+
+
+def gate_html(gates: list[Gate], kind: str) -> str:
+    """A table of gates (evaluate's, or drift's checks): the rows every gate table shows."""
+    return table([kind, "value", "threshold", "result"],
+                 [[name, value, bound, verdict(passed)] for name, value, bound, passed in gate_rows(gates)])
 
 
 def verdict(passed: bool | None) -> Raw:
@@ -143,15 +149,6 @@ def _pyplot():
     return plt
 
 
-def read_report(path: Path) -> dict[str, Any] | None:
-    """A JSON artifact, or None when that stage has not written it (its section then says so)."""
-    try:
-        value = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
-    return value if isinstance(value, dict) else None
-
-
 def missing(what: Path) -> str:
     return f"<p class=muted>{esc(what)} is not written yet: run the stage that writes it (dvc repro).</p>"
 
@@ -160,24 +157,24 @@ def missing(what: Path) -> str:
 
 def data_section(params: Params, samples: dict[str, dict[str, list[np.ndarray]]]) -> str:
     paths = params.paths
-    quarantine = read_report(paths.quarantine)
+    quarantine = read_report(paths.quarantine, QuarantineReport)
     parts = []
     if quarantine is None:
         parts.append(missing(paths.quarantine))
     else:
-        for task, counts in quarantine.get("counts", {}).items():
+        for task, counts in quarantine.counts.items():
             rows = []
-            for name, c in counts.get("per_class", {}).items():
+            for name, c in counts.per_class.items():
                 strip = "".join(img(thumbnail(p), f"{task}/{name}") for p in samples.get(task, {}).get(name, []))
                 rows.append([name, c.get("input"), c.get("kept"), c.get("quarantined"), c.get("held_back"),
                              c.get("train"), c.get("val"), c.get("test"), Raw(f"<div class=strip>{strip}</div>")])
-            rows.append([Raw("<b>all</b>"), counts.get("input"), counts.get("kept"), counts.get("quarantined"),
-                         counts.get("held_back"), *(counts.get("splits", {}).get(s) for s in ("train", "val", "test")), ""])
+            rows.append([Raw("<b>all</b>"), counts.input, counts.kept, counts.quarantined,
+                         counts.held_back, *(counts.splits.get(s) for s in ("train", "val", "test")), ""])
             parts.append(f"<h3>{esc(task)} task</h3>" + table(
                 ["class", "in", "kept", "quarantined", "held back", "train", "val", "test", "training samples"], rows))
-        parts.append(_quarantined_files(params, quarantine.get("quarantined", [])))
+        parts.append(_quarantined_files(params, quarantine.quarantined))
         checks = [[e.get("description") or e.get("expectation"), e.get("severity"), verdict(e.get("success")),
-                   e.get("unexpected_count")] for e in quarantine.get("expectations", [])]
+                   e.get("unexpected_count")] for e in quarantine.expectations]
         if checks:
             parts.append("<h3>Split checks</h3>" + table(["check", "severity", "result", "unexpected"], checks))
     parts.append(_validation(params))
@@ -205,26 +202,25 @@ def _quarantined_files(params: Params, files: list[dict[str, str]]) -> str:
 
 
 def _validation(params: Params) -> str:
-    validation = read_report(params.paths.validation)
+    validation = read_report(params.paths.validation, ValidationReport)
     link = f'raw Great Expectations results: <code>{esc(params.paths.validation)}</code>'
     if validation is None:
         return "<h3>Validation</h3>" + missing(params.paths.validation)
     rows = [[e.get("description") or e.get("expectation"), e.get("suite"), e.get("severity"),
-             verdict(e.get("success")), e.get("unexpected_count")] for e in validation.get("expectations", [])]
-    failed = sum(1 for e in validation.get("expectations", []) if not e.get("success"))
-    return (f"<h3>Validation: {verdict(validation.get('success'))}</h3><p>{len(rows)} expectations of the validate "
+             verdict(e.get("success")), e.get("unexpected_count")] for e in validation.expectations]
+    failed = sum(1 for e in validation.expectations if not e.get("success"))
+    return (f"<h3>Validation: {verdict(validation.success)}</h3><p>{len(rows)} expectations of the validate "
             f"stage, {failed} unmet ({link}, kept beside this page).</p><details{' open' if failed else ''}>"
             "<summary>every expectation</summary>"
             + table(["expectation", "suite", "severity", "result", "unexpected"], rows) + "</details>")
 
 
 def _drift(params: Params) -> str:
-    drift = read_report(params.paths.drift_report)
+    drift = read_report(params.paths.drift_report, DriftReport)
     if drift is None:
         return "<h3>Drift</h3>" + missing(params.paths.drift_report)
-    rows = [[c.get("name"), c.get("value"), c.get("threshold"), verdict(c.get("passed"))] for c in drift.get("checks", [])]
-    body = table(["check", "value", "bound", "result"], rows) if rows else ""
-    return f"<h3>Drift against the reference: {verdict(drift.get('passed'))}</h3><p>{esc(drift.get('status', ''))}</p>{body}"
+    body = gate_html(drift.checks, "check") if drift.checks else ""
+    return f"<h3>Drift against the reference: {verdict(drift.passed)}</h3><p>{esc(drift.status)}</p>{body}"
 
 
 # ---------- training ----------
@@ -269,31 +265,31 @@ def curve_figure(title: str, curves: dict[str, list[float]], phases: list[dict[s
 
 def training_section(params: Params) -> str:
     parts = []
-    source_report = read_report(params.paths.source_report)
+    source_report = read_report(params.paths.source_report, SourceReport)
     source_curves = read_curves(params.paths.training_curves / "source")
     if source_report and source_curves:
-        phase = {"name": "source", "epochs_run": source_report.get("epochs_run", 0),
-                 "best_epoch": source_report.get("best_epoch"), "planned": params.source.epochs}
-        parts.append(f"<h3>Source model</h3><p>{esc(source_report.get('train_images'))} training images, "
-                     f"test accuracy {fmt(source_report.get('test_accuracy'))}.</p>"
+        phase = {"name": "source", "epochs_run": source_report.epochs_run or 0,
+                 "best_epoch": source_report.best_epoch, "planned": params.source.epochs}
+        parts.append(f"<h3>Source model</h3><p>{esc(source_report.train_images)} training images, "
+                     f"test accuracy {fmt(source_report.test_accuracy)}.</p>"
                      + img(curve_figure("source", source_curves, [phase]), "source training curves", "plot"))
     elif source_report:
-        parts.append(f"<h3>Source model</h3><p>Mode <code>{esc(source_report.get('mode'))}</code>: no training curves "
-                     f"(weights from <code>{esc(source_report.get('file') or params.source.weights)}</code>).</p>")
-    finetune = read_report(params.paths.finetune_report)
+        parts.append(f"<h3>Source model</h3><p>Mode <code>{esc(source_report.mode)}</code>: no training curves "
+                     f"(weights from <code>{esc(source_report.file or params.source.weights)}</code>).</p>")
+    finetune = read_report(params.paths.finetune_report, FinetuneReport)
     if finetune is None:
         parts.append(missing(params.paths.finetune_report))
         return "".join(parts)
     planned = {"head": params.finetune.head_epochs, "unfrozen": params.finetune.epochs}
     phases = [{"name": name, "epochs_run": p.get("epochs_run", 0), "best_epoch": p.get("best_epoch"),
-               "planned": planned.get(name)} for name, p in finetune.get("phases", {}).items()]
+               "planned": planned.get(name)} for name, p in finetune.phases.items()]
     rows = [[p["name"], p["epochs_run"], p["planned"], p["best_epoch"],
-             finetune["phases"][p["name"]].get("best_val_accuracy"),
+             finetune.phases[p["name"]].get("best_val_accuracy"),
              "yes" if p["planned"] and p["epochs_run"] < p["planned"] else "no"] for p in phases]
-    parts.append(f"<h3>Fine-tuning</h3><p>Backend {esc(finetune.get('backend'))}, precision "
-                 f"{esc(finetune.get('precision'))}, {esc(finetune.get('train_images'))} training and "
-                 f"{esc(finetune.get('val_images'))} validation images; kept phase "
-                 f"<b>{esc(finetune.get('kept_phase'))}</b>.</p>"
+    parts.append(f"<h3>Fine-tuning</h3><p>Backend {esc(finetune.backend)}, precision "
+                 f"{esc(finetune.precision)}, {esc(finetune.train_images)} training and "
+                 f"{esc(finetune.val_images)} validation images; kept phase "
+                 f"<b>{esc(finetune.kept_phase)}</b>.</p>"
                  + table(["phase", "epochs run", "planned", "best epoch", "best val accuracy", "early stop"], rows)
                  + img(curve_figure("fine-tune", read_curves(params.paths.training_curves / "finetune"), phases),
                        "fine-tune training curves", "plot"))
@@ -303,22 +299,22 @@ def training_section(params: Params) -> str:
 # ---------- transfer ----------
 
 def transfer_section(params: Params) -> str:
-    report = read_report(params.paths.transfer_report)
+    report = read_report(params.paths.transfer_report, TransferReport)
     if report is None:
         return missing(params.paths.transfer_report)
-    layers = report.get("layers", [])
-    frozen = set(report.get("frozen", []))
+    layers = report.layers
+    frozen = set(report.frozen)
     counts: dict[str, int] = {}
     for layer in layers:
         counts[layer.get("status", "?")] = counts.get(layer.get("status", "?"), 0) + 1
     summary = ", ".join(f"{n} {status}" for status, n in counts.items())
     rows = [[layer.get("layer"), layer.get("status"), layer.get("source") or "", "frozen" if layer.get("layer") in frozen
              else "trainable", layer.get("reason") or ""] for layer in layers]
-    gain = read_report(params.paths.transfer_gain) or {}
-    if gain.get("compared"):
+    gain = read_report(params.paths.transfer_gain, TransferGainReport)
+    if gain is not None and gain.compared:
         gain_html = (f"<p>Transfer gain against training from scratch (same budget and recipe): test accuracy "
-                     f"{fmt(gain.get('transfer_accuracy'))} vs {fmt(gain.get('scratch_accuracy'))}, gain "
-                     f"<b>{fmt(gain.get('accuracy_gain'))}</b>.</p>")
+                     f"{fmt(gain.transfer_accuracy)} vs {fmt(gain.scratch_accuracy)}, gain "
+                     f"<b>{fmt(gain.accuracy_gain)}</b>.</p>")
     else:
         gain_html = ("<p class=muted>Transfer gain not measured (set <code>evaluate.compare_scratch: true</code> to "
                      "train a from-scratch baseline and compare).</p>")
@@ -330,13 +326,13 @@ def transfer_section(params: Params) -> str:
 
 # ---------- evaluation and errors ----------
 
-def per_class_figure(per_class: dict[str, dict[str, float]]) -> bytes:
+def per_class_figure(per_class: dict[str, ClassMetrics]) -> bytes:
     plt = _pyplot()
     names = list(per_class)
     figure, axis = plt.subplots(figsize=(max(4.0, 0.9 * len(names) + 1.5), 3.0))
     positions = np.arange(len(names))
     for offset, metric in zip((-0.27, 0, 0.27), ("precision", "recall", "f1")):
-        axis.bar(positions + offset, [per_class[n][metric] for n in names], width=0.26, label=metric)
+        axis.bar(positions + offset, [getattr(per_class[n], metric) for n in names], width=0.26, label=metric)
     axis.set(xticks=positions, xticklabels=names, ylim=(0, 1.05), xlabel="class", ylabel="score",
              title="per class, target test split")
     axis.legend(fontsize=8, loc="lower right")
@@ -355,22 +351,21 @@ def confusion_figure(matrix: np.ndarray, classes: list[str]) -> bytes:
 
 
 def evaluation_section(params: Params) -> str:
-    metrics = read_report(params.paths.metrics)
+    metrics = read_report(params.paths.metrics, MetricsReport)
     if metrics is None:
         return missing(params.paths.metrics)
-    gates = read_report(params.paths.gates) or {}
+    gates = read_report(params.paths.gates, GatesReport)
     headline = table(["accuracy", "macro precision", "macro recall", "macro F1", "test images"],
-                     [[metrics.get("accuracy"), metrics.get("macro_precision"), metrics.get("macro_recall"),
-                       metrics.get("macro_f1"), metrics.get("test_images")]])
-    gate_rows = [[g.get("name"), g.get("value"), g.get("threshold"), verdict(g.get("passed"))] for g in gates.get("gates", [])]
-    per_class = metrics.get("per_class", {})
+                     [[metrics.accuracy, metrics.macro_precision, metrics.macro_recall, metrics.macro_f1,
+                       metrics.test_images]])
+    per_class = metrics.per_class
     classes = list(per_class)
-    matrix = np.asarray(metrics.get("confusion_matrix", []))
+    matrix = np.asarray(metrics.confusion_matrix)
     plots = img(per_class_figure(per_class), "per-class precision, recall and F1", "plot") if per_class else ""
     if matrix.size:
         plots += img(confusion_figure(matrix, classes), "confusion matrix", "plot")
-    return (headline + f"<h3>Gates: {verdict(gates.get('passed'))}</h3>"
-            + table(["gate", "value", "threshold", "result"], gate_rows) + plots)
+    return (headline + f"<h3>Gates: {verdict(gates.passed if gates else None)}</h3>"
+            + gate_html(gates.gates if gates else [], "gate") + plots)
 
 
 def confused_pairs(matrix: np.ndarray, classes: list[str], top: int = 5) -> list[tuple[str, str, int]]:
@@ -381,10 +376,10 @@ def confused_pairs(matrix: np.ndarray, classes: list[str], top: int = 5) -> list
 
 
 def errors_section(params: Params, cases: list[ErrorCase] | None, total_wrong: int, layer: str | None) -> str:
-    metrics = read_report(params.paths.metrics)
+    metrics = read_report(params.paths.metrics, MetricsReport)
     if metrics is None or cases is None:
         return missing(params.paths.metrics)
-    pairs = confused_pairs(np.asarray(metrics.get("confusion_matrix", [[0]])), list(metrics.get("per_class", {})))
+    pairs = confused_pairs(np.asarray(metrics.confusion_matrix or [[0]]), list(metrics.per_class))
     pair_html = table(["true class", "predicted as", "test images"], [list(p) for p in pairs]) if pairs else ""
     if not cases:
         return "<p>No test image is misclassified.</p>"
@@ -401,24 +396,23 @@ def errors_section(params: Params, cases: list[ErrorCase] | None, total_wrong: i
 
 # ---------- export and lineage ----------
 
-def export_body(export: dict[str, Any] | None) -> str:
+def export_body(export: ExportReport | None) -> str:
     """The export facts (parity, variants, latency, sizes); also rendered by the bundle's copy."""
     if not export:
         return ("<p class=muted>The export stage runs after this page is written: the deployment bundle's copy "
                 "(<code>report.html</code> beside <code>MODEL_CARD.md</code>) has this section filled in.</p>")
     parity = table(["max |onnx - keras|", "bound", "top-1 agreement", "images", "sizes checked", "opset"],
-                   [[export.get("max_abs_diff"), export.get("max_abs_diff_bound"), export.get("top1_agreement"),
-                     export.get("parity_images"), ", ".join(f"{h}x{w}" for h, w in export.get("sizes_checked", [])),
-                     export.get("opset")]])
-    rows = [["model.onnx", "kept", "", export.get("size_bytes"), export.get("latency_ms_batch1")]]
+                   [[export.max_abs_diff, export.max_abs_diff_bound, export.top1_agreement,
+                     export.parity_images, ", ".join(f"{h}x{w}" for h, w in export.sizes_checked), export.opset]])
+    rows = [["model.onnx", "kept", "", export.size_bytes, export.latency_ms_batch1]]
     rows += [[name, verdict(v.get("accepted")), v.get("reason"), v.get("size_bytes"), v.get("latency_ms_batch1")]
-             for name, v in export.get("variants", {}).items()]
+             for name, v in export.variants.items()]
     return (f"<h3>Parity with Keras</h3>{parity}<h3>Models and variants</h3>"
             + table(["model", "verdict", "reason", "bytes", "latency ms (batch 1)"], rows)
-            + f"<p>ONNX sha256 <code>{esc(export.get('onnx_sha256'))}</code></p>")
+            + f"<p>ONNX sha256 <code>{esc(export.onnx_sha256)}</code></p>")
 
 
-def refresh_export(page: str, export: dict[str, Any]) -> str:
+def refresh_export(page: str, export: ExportReport) -> str:
     """The page with its export facts replaced by `export` (the export stage's copy in the bundle)."""
     start, end = page.find(EXPORT_START), page.find(EXPORT_END)
     if start < 0 or end < start:
@@ -460,11 +454,11 @@ def lineage(params: Params, stages: list[str]) -> str:
 # ---------- the page ----------
 
 def render(params: Params, samples: dict[str, dict[str, list[np.ndarray]]], cases: list[ErrorCase] | None,
-           total_wrong: int, layer: str | None, upstream: list[str], export: dict[str, Any] | None = None) -> str:
+           total_wrong: int, layer: str | None, upstream: list[str], export: ExportReport | None = None) -> str:
     """The whole page. samples: task -> class -> a few training images; cases: the explained errors;
     upstream: the stages whose outputs the page shows (their hashes are its lineage)."""
-    metrics = read_report(params.paths.metrics) or {}
-    gates = read_report(params.paths.gates) or {}
+    metrics = read_report(params.paths.metrics, MetricsReport)
+    gates = read_report(params.paths.gates, GatesReport)
     bodies = {
         "data": data_section(params, samples),
         "training": training_section(params),
@@ -477,8 +471,10 @@ def render(params: Params, samples: dict[str, dict[str, list[np.ndarray]]], case
               "errors": "Errors, explained", "export": "Export and lineage"}
     nav = "".join(f'<a href="#{name}">{titles[name]}</a>' for name in SECTIONS)
     sections = "".join(f'<section id="{name}"><h2>{titles[name]}</h2>{bodies[name]}</section>' for name in SECTIONS)
-    summary = (f"backbone <b>{esc(params.model.backbone)}</b>, test accuracy <b>{fmt(metrics.get('accuracy'))}</b>, "
-               f"macro F1 <b>{fmt(metrics.get('macro_f1'))}</b>, gates {verdict(gates.get('passed'))}")
+    summary = (f"backbone <b>{esc(params.model.backbone)}</b>, "
+               f"test accuracy <b>{fmt(metrics.accuracy if metrics else None)}</b>, "
+               f"macro F1 <b>{fmt(metrics.macro_f1 if metrics else None)}</b>, "
+               f"gates {verdict(gates.passed if gates else None)}")
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">'
             f"<title>tlpipe run report</title><style>{CSS}</style></head><body>"
