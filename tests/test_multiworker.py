@@ -21,7 +21,7 @@ from components.core.errors import PipelineError
 from components.data.dataset import load_split
 from components.data.stream import TrainFeed
 from components.training import distributed
-from tests.conftest import shrunk_params, stop_process, write_shrunk_params_yaml
+from tests.conftest import REPO, shrunk_params, stop_process, write_shrunk_params_yaml
 from tests.test_resume import NO_AUGMENT, finetune_workspace, kill_after_epoch, run_stage, start_stage, \
     write_texture_task
 
@@ -231,3 +231,116 @@ def test_a_worker_killed_mid_epoch_fails_the_job_and_a_rerun_resumes(tmp_path: P
     report = json.loads(params.paths.finetune_report.read_text())
     assert report["resumed"] is True and report["phases"]["head"]["resumed_from_epoch"] == done
 
+
+
+# Launchers, checked without a cluster -----------------------------------------------------------
+
+MANIFEST = REPO / "deploy" / "k8s" / "finetune-multiworker.yaml"
+
+
+def _kubernetes_object(value: object, kind: str, where: str) -> object:
+    """`value` built into the kubernetes package's typed model `kind`: an unknown field, a wrong type or
+    a missing required field fails, naming where (the models are generated from Kubernetes' OpenAPI schema)."""
+    import kubernetes.client as k8s
+
+    if kind.lower().startswith("list["):
+        assert isinstance(value, list), f"{where}: expected a list"
+        return [_kubernetes_object(item, kind[5:-1], f"{where}[{i}]") for i, item in enumerate(value)]
+    if kind.lower().startswith(("dict(", "dict[")):
+        assert isinstance(value, dict), f"{where}: expected a mapping"
+        inner = kind[5:-1].split(", ", 1)[1]
+        return {key: _kubernetes_object(item, inner, f"{where}.{key}") for key, item in value.items()}
+    if kind in {"str", "int", "bool", "float", "object", "datetime"}:
+        expected = {"str": str, "int": int, "bool": bool, "float": (int, float), "object": object, "datetime": str}[kind]
+        assert isinstance(value, expected), f"{where}: {value!r} is not {kind}"
+        return value
+    model = getattr(k8s, kind)
+    assert isinstance(value, dict), f"{where}: expected a {kind} mapping"
+    fields = {json_name: name for name, json_name in model.attribute_map.items()}
+    unknown = sorted(set(value) - set(fields))
+    assert not unknown, f"{where}: {unknown} are not fields of {kind}"
+    return model(**{fields[key]: _kubernetes_object(item, model.openapi_types[fields[key]], f"{where}.{key}")
+                    for key, item in value.items()})
+
+
+def test_the_kubernetes_manifest_fits_the_kubernetes_schema_and_wires_n_workers_together() -> None:
+    import yaml
+
+    documents = {doc["kind"]: doc for doc in yaml.safe_load_all(MANIFEST.read_text()) if doc}
+    assert set(documents) == {"Service", "PersistentVolumeClaim", "Job"}
+    for kind, doc in documents.items():
+        _kubernetes_object(doc, f"V1{kind}", kind)
+
+    service, job = documents["Service"]["spec"], documents["Job"]["spec"]
+    pod = job["template"]["spec"]
+    (container,) = pod["containers"]
+    env = {item["name"]: item for item in container["env"]}
+    workers = int(env["KERAS_DISTRIBUTION_NUM_PROCESSES"]["value"])
+    assert job["completionMode"] == "Indexed" and job["completions"] == job["parallelism"] == workers
+    assert service["clusterIP"] == "None" and pod["subdomain"] == documents["Service"]["metadata"]["name"]
+    host, port = env["KERAS_DISTRIBUTION_JOB_ADDRESSES"]["value"].split(":")
+    assert host == f"{documents['Job']['metadata']['name']}-0.{pod['subdomain']}"  # pod 0's DNS name
+    assert int(port) == service["ports"][0]["port"] == container["ports"][0]["containerPort"]
+    assert env["KERAS_DISTRIBUTION_PROCESS_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == \
+        "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+    assert env["KERAS_BACKEND"]["value"] == "jax"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    # The image's own entry point (tlpipe), the same in the CPU and GPU images: only its arguments here.
+    assert "command" not in container and container["args"][:2] == ["stage", "finetune"]
+    mounts = {mount["name"] for mount in container["volumeMounts"]}
+    claims = {v["name"] for v in pod["volumes"] if v.get("persistentVolumeClaim", {}).get("claimName") ==
+              documents["PersistentVolumeClaim"]["metadata"]["name"]}
+    assert claims and claims <= mounts
+
+
+@pytest.mark.slow  # a Prefect server and four CLI calls: about two minutes on 2 busy cores
+@pytest.mark.timeout(600)
+def test_the_docker_and_kubernetes_deployments_register_on_a_real_prefect_server(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    for name in ("prefect.yaml", "flows", "components", "deploy", "params.yaml", "dvc.yaml"):
+        (shutil.copytree if (REPO / name).is_dir() else shutil.copy)(REPO / name, tmp_path / name)
+    cli = [str(Path(sys.executable).parent / "prefect")]
+    with temporary_settings(updates={PREFECT_HOME: tmp_path / "prefect-home"}):
+        with prefect_test_harness(server_startup_timeout=180):
+            env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(),
+                   "PREFECT_HOME": str(tmp_path / "prefect-home")}
+
+            def prefect(*args: str) -> str:
+                done = subprocess.run([*cli, *args], cwd=tmp_path, env=env, capture_output=True, text=True,
+                                      timeout=240)
+                assert done.returncode == 0, done.stdout + done.stderr
+                return done.stdout
+
+            prefect("work-pool", "create", "tlpipe-process", "--type", "process")
+            prefect("work-pool", "create", "tlpipe-docker", "--type", "docker")
+            prefect("work-pool", "create", "tlpipe-kubernetes", "--type", "kubernetes",
+                    "--base-job-template", "deploy/prefect/kubernetes-gpu.json")
+            prefect("deploy", "--all")
+
+            async def read() -> dict:
+                async with get_client() as client:
+                    pools = {pool.name: pool for pool in await client.read_work_pools()}
+                    deployments = {d.name: d for d in await client.read_deployments()}
+                return {"pools": pools, "deployments": deployments}
+
+            found = run_coro_as_sync(read())
+    pools, deployments = found["pools"], found["deployments"]
+    assert pools["tlpipe-docker"].type == "docker" and pools["tlpipe-kubernetes"].type == "kubernetes"
+    assert set(deployments) == {"retrain", "retrain-docker", "retrain-kubernetes"}
+    kubernetes = deployments["retrain-kubernetes"]
+    assert kubernetes.work_pool_name == "tlpipe-kubernetes" and kubernetes.job_variables["gpus"] == 1
+    template = pools["tlpipe-kubernetes"].base_job_template
+    container = template["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "{{ gpus }}"
+    docker = deployments["retrain-docker"]
+    assert docker.work_pool_name == "tlpipe-docker" and docker.job_variables["image"].endswith(":gpu")
+    assert set(docker.job_variables) <= set(pools["tlpipe-docker"].base_job_template["variables"]["properties"])
+    assert set(kubernetes.job_variables) <= set(template["variables"]["properties"])
