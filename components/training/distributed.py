@@ -160,7 +160,8 @@ def join(environ: Mapping[str, str] | None = None) -> Cluster:
     if jax.distributed.is_initialized():
         return cluster
     rendezvous(cluster)
-    # Cross-process collectives between CPU devices need gloo; GPUs use NCCL whatever this says.
+    # Cross-process collectives between CPU devices need gloo (jax 0.10.2's default; older JAX had none,
+    # and a changed default would break CPU clusters silently); GPUs use NCCL whatever this says.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     seconds = max(int(cluster.timeout), 1)
     jax.distributed.initialize(cluster.coordinator, cluster.count, cluster.index, initialization_timeout=seconds,
