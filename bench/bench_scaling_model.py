@@ -11,9 +11,10 @@ Then the model. A ring all-reduce sends and receives 2(N-1)/N x the gradient byt
 also under bf16 mixed precision) per worker per step; at B bits/s that takes
     t_comm = 2(N-1)/N x 4 P x 8 / B
 and, with no overlap of communication and compute (the conservative case: XLA may overlap some),
-scaling efficiency = t_step / (t_step + t_comm). It stays at 90% or more while t_step >= 9 t_comm:
-the table gives, per backbone, network and N, the per-worker batch needed for that, at this machine's
-measured images/s and at a stated GPU rate (given by --gpu-rate, an assumption until measured).
+scaling efficiency = t_step / (t_step + t_comm). It stays at 90% or more while t_step >= 9 t_comm.
+Printed: t_comm per backbone, network and N; and, for resnet50 at a stated GPU rate (--gpu-rate, an
+assumption until a GPU host measures it), the efficiency at per-GPU batches of 64, 128 and 256.
+--steps 0 skips the timing (parameter counts and the model only).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import harness  # noqa: E402
 
 BANDWIDTHS = {"10 Gb/s": 10e9, "25 Gb/s": 25e9, "100 Gb/s": 100e9}
 WORKERS = (2, 4, 8, 16)
+BATCHES = (64, 128, 256)
 
 
 def measure(backbone: str, size: int, batch: int, steps: int) -> tuple[int, float]:
@@ -49,6 +51,8 @@ def measure(backbone: str, size: int, batch: int, steps: int) -> tuple[int, floa
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, size=(batch, size, size, 3), dtype=np.uint8)
     y = np.eye(10, dtype="float32")[rng.integers(0, 10, size=batch)]
+    if steps == 0:
+        return model.count_params(), float("nan")
     model.train_on_batch(x, y)  # compiles
     seconds = []
     for _ in range(steps):
@@ -68,8 +72,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--gpu-rate", type=float, default=2500.0,
-                        help="assumed images/s of one GPU for resnet50 at 224 px, bf16 (scaled by measured "
-                             "step time for the other backbones); default: issue 19's H200 target")
+                        help="assumed images/s of one GPU for resnet50 at 224 px, bf16; default: issue 19's "
+                             "H200 target (not measured: no GPU host yet)")
     args = parser.parse_args()
     print(harness.header("Data-parallel scaling model: compute measured here, all-reduce on paper"))
     measured = {name: measure(name, args.size if name != "simple_cnn" else 64, args.batch, args.steps)
@@ -78,25 +82,34 @@ def main() -> None:
     for name, (count, step) in measured.items():
         rows.append([name, 64 if name == "simple_cnn" else args.size, f"{count / 1e6:.2f}", f"{4 * count / 2**20:.1f}",
                      f"{1000 * step:.0f}", f"{args.batch / step:.1f}"])
-    print(f"Measured: one training step, batch {args.batch}, float32, JAX on this CPU (median of {args.steps})\n")
-    print(harness.table(["backbone", "px", "parameters (M)", "gradient MiB", "ms per step", "images/s"], rows))
+    if args.steps:
+        print(f"Measured: one training step, batch {args.batch}, float32, JAX on this CPU (median of {args.steps})\n")
+        print(harness.table(["backbone", "px", "parameters (M)", "gradient MiB", "ms per step", "images/s"], rows))
 
-    resnet_rate = args.batch / measured["resnet50"][1]
-    for label, rate_of in (("this CPU (measured)", lambda name: args.batch / measured[name][1]),
-                           (f"one GPU at an assumed {args.gpu_rate:.0f} images/s for resnet50 (others scaled "
-                            f"by their measured step time relative to resnet50)",
-                            lambda name: args.gpu_rate * (args.batch / measured[name][1]) / resnet_rate)):
-        print(f"\nPer-worker batch for 90% scaling efficiency, compute rate of {label}\n")
-        table = []
-        for name, (count, _) in measured.items():
-            rate = rate_of(name)
-            for network, bits in BANDWIDTHS.items():
-                needed = []
-                for n in WORKERS:
-                    comm = 2 * (n - 1) / n * 4 * count * 8 / bits
-                    needed.append(f"{int(np.ceil(9 * comm * rate))}")  # t_step = batch / rate >= 9 t_comm
-                table.append([name, f"{rate:.0f}", network, *needed])
-        print(harness.table(["backbone", "images/s per worker", "network", *[f"N={n}" for n in WORKERS]], table))
+    print("\nAll-reduce time per step, t_comm = 2(N-1)/N x 4 bytes x parameters / bandwidth; 90% efficiency "
+          "needs a compute step of at least 9 t_comm\n")
+    table = []
+    for name, (count, _) in measured.items():
+        for network, bits in BANDWIDTHS.items():
+            times = [comm_seconds(count, n, bits) for n in WORKERS]
+            table.append([name, f"{count / 1e6:.2f}", network, *[f"{1000 * t:.1f}" for t in times],
+                          f"{9000 * times[-1]:.0f}"])
+    print(harness.table(["backbone", "parameters (M)", "network", *[f"t_comm N={n} (ms)" for n in WORKERS],
+                         f"90% needs a step of (ms, N={WORKERS[-1]})"], table))
+
+    count = measured["resnet50"][0]
+    print(f"\nresnet50 at an assumed {args.gpu_rate:.0f} images/s per GPU: scaling efficiency by per-GPU batch\n")
+    table = []
+    for network, bits in BANDWIDTHS.items():
+        for n in WORKERS:
+            step = [batch / args.gpu_rate for batch in BATCHES]
+            table.append([network, n, *[f"{t / (t + comm_seconds(count, n, bits)):.0%}" for t in step]])
+    print(harness.table(["network", "N", *[f"batch {b}" for b in BATCHES]], table))
+
+
+def comm_seconds(parameters: int, workers: int, bits_per_second: float) -> float:
+    """A ring all-reduce of float32 gradients: 2(N-1)/N x the gradient bytes through each worker's link."""
+    return 2 * (workers - 1) / workers * 4 * parameters * 8 / bits_per_second
 
 
 if __name__ == "__main__":
