@@ -4,6 +4,9 @@
 #   docker build --build-arg VARIANT=gpu -t tlpipe:gpu .      adds JAX with CUDA 12 (NVIDIA GPUs)
 #   docker run --gpus all -e KERAS_BACKEND=jax tlpipe:gpu stage finetune
 #
+# Several machines (docs/scaling.md): the same entry point in every worker, the cluster from Keras's
+# KERAS_DISTRIBUTION_JOB_ADDRESSES / _NUM_PROCESSES / _PROCESS_ID; deploy/k8s/ runs this GPU image so.
+#
 # The lock pins tensorflow-cpu, so the GPU variant fine-tunes on the JAX backend. The CUDA libraries
 # come as wheels: no CUDA base image is needed, the host needs only the NVIDIA driver and container
 # toolkit. Set KERAS_BACKEND=jax for the fine-tune stage only (the backend tests cover it there;
@@ -63,5 +66,7 @@ RUN if [ "$VARIANT" = gpu ]; then \
 COPY --chown=10001:10001 . .
 RUN .venv/bin/uv pip install --quiet --python .venv/bin/python --no-deps -e .
 
+# The multi-worker coordinator's port (process 0; deploy/k8s/finetune-multiworker.yaml).
+EXPOSE 7777
 ENTRYPOINT ["tlpipe"]
 CMD ["run"]

@@ -1,7 +1,9 @@
 """Stage `finetune`: train the head on the frozen backbone, then unfreeze its top layers at a lower rate.
 
 Every epoch ends with a checkpoint (paths.finetune_checkpoint), so a killed run continues from its
-last completed epoch when rerun; the finished model is written whole or not at all.
+last completed epoch when rerun; the finished model is written whole or not at all. Several
+processes train together when the environment names a cluster (components.training.distributed);
+process 0 alone writes, and the others resume from its checkpoint, which must be on storage they read.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import keras
 from components.core.reports import FinetuneReport, write_report
 from components.core.config import Params
 from components.data.dataset import Split, load_split
+from components.training.distributed import agree, join
 from components.training.models import (
     BACKBONE_NAME, MODEL_FILE, keep_batchnorm_inference, load_model_dir, save_model_dir,
 )
@@ -67,13 +70,14 @@ def _fingerprint(params: Params, train: Split, val: Split) -> str:
 
 def run(params: Params) -> FinetuneResult:
     cfg = params.finetune
-    policy = prepare_backend(cfg.precision)  # first: before anything touches a device
+    cluster = join()  # first: JAX's multi-process set-up and XLA's flags precede any device use
+    policy = prepare_backend(cfg.precision)
     train, val = load_split(params.paths.clean, "target", "train"), load_split(params.paths.clean, "target", "val")
     keras.utils.set_random_seed(params.seed)
     checkpoint = Checkpoint(params.paths.finetune_checkpoint, _fingerprint(params, train, val),
-                            {"backend": keras.backend.backend(), "precision": policy})
+                            {"backend": keras.backend.backend(), "precision": policy}, writer=cluster.is_chief)
     resuming = checkpoint.load()
-    with data_parallel(cfg.data_parallel) as devices:
+    with data_parallel(cfg.data_parallel or cluster.count > 1) as devices:
         model, classes = load_model_dir(params.paths.transferred_model)
         keep_batchnorm_inference(model)  # also in the head phase, whatever transfer.freeze left trainable
         trainee = with_precision(model, policy)
@@ -83,7 +87,10 @@ def run(params: Params) -> FinetuneResult:
         phases = {name: FitResult(**{k: tuple(v) if isinstance(v, list) else v for k, v in result.items()})
                   for name, result in checkpoint.context.get("phases", {}).items()}
         epochs_done = sum(p.epochs_run for p in phases.values()) + (checkpoint.state or {}).get("epoch", 0)
-        curves = Curves(params.paths.training_curves / "finetune", resume_at=epochs_done)
+        agree(epochs_done, "a checkpoint after epoch", f"put paths.finetune_checkpoint ({checkpoint.directory}) "
+              "on storage every worker reads, or delete it on every worker")
+        curves = Curves(params.paths.training_curves / "finetune", resume_at=epochs_done) \
+            if cluster.is_chief else None
         common = dict(batch_size=cfg.batch_size, patience=cfg.patience, curves=curves, recipe=recipe(cfg),
                       checkpoint=checkpoint, seed=params.seed)
         if cfg.head_epochs and "head" not in phases:
@@ -113,6 +120,9 @@ def run(params: Params) -> FinetuneResult:
             model.set_weights(trainee.get_weights())
         # Both reported figures from the model that is saved (trainee may compute in bf16).
         final = evaluate(model, val)
+    if not cluster.is_chief:
+        log.info("process %d of %d: done; process 0 writes the model and reports", cluster.index, cluster.count)
+        return FinetuneResult(final["accuracy"], kept)
     save_model_dir(model, classes, params.paths.finetuned_model)
     write_report(params.paths.finetune_report, FinetuneReport.model_validate({
         "backend": keras.backend.backend(),
@@ -122,6 +132,7 @@ def run(params: Params) -> FinetuneResult:
                                  if layer.weights}),
         "replicas": max(len(devices), 1),
         "devices": list(devices),  # the devices each batch was split between (empty: no data parallelism)
+        "workers": cluster.count,  # processes that trained together (components.training.distributed)
         "resumed": resuming,
         "train_images": len(train),
         "val_images": len(val),

@@ -1,4 +1,8 @@
-"""Stage `source`: train the source model on the source task, or download pretrained weights."""
+"""Stage `source`: train the source model on the source task, or download pretrained weights.
+
+Training runs on several processes when the environment names a cluster
+(components.training.distributed); process 0 alone writes the model and reports.
+"""
 
 from __future__ import annotations
 
@@ -13,8 +17,9 @@ from components.core.reports import SourceReport, write_report
 from components.data.dataset import load_split
 from components.training.download import cache_dir_from, fetch, fetch_imagenet
 from components.core.errors import PipelineError
+from components.training.distributed import Cluster, join
 from components.training.models import build_model, load_keras_file, save_model_dir, uses_application
-from components.training.trainer import Curves, accuracy, fit
+from components.training.trainer import Curves, accuracy, data_parallel, fit
 
 log = logging.getLogger(__name__)
 
@@ -30,25 +35,28 @@ class SourceResult:
         return f"{self.mode}: source test accuracy {self.test_accuracy:.4f}"
 
 
-def _train(params: Params) -> tuple[keras.Model, tuple[str, ...], dict]:
+def _train(params: Params, cluster: Cluster) -> tuple[keras.Model, tuple[str, ...], dict]:
     clean, cfg = params.paths.clean, params.source
     train, val, test = (load_split(clean, "source", split) for split in ("train", "val", "test"))
     keras.utils.set_random_seed(params.seed)
-    model = build_model(params.model, params.data, len(train.classes), bn_inference=False)
-    log.info("training the source model on %d images of %d classes", len(train), len(train.classes))
-    result = fit(
-        model, train, val, phase="source", epochs=cfg.epochs, batch_size=cfg.batch_size,
-        learning_rate=cfg.learning_rate, patience=cfg.patience,
-        curves=Curves(params.paths.training_curves / "source"),
-    )
+    with data_parallel(cluster.count > 1):
+        model = build_model(params.model, params.data, len(train.classes), bn_inference=False)
+        log.info("training the source model on %d images of %d classes", len(train), len(train.classes))
+        result = fit(
+            model, train, val, phase="source", epochs=cfg.epochs, batch_size=cfg.batch_size,
+            learning_rate=cfg.learning_rate, patience=cfg.patience,
+            curves=Curves(params.paths.training_curves / "source") if cluster.is_chief else None,
+        )
+        test_accuracy = accuracy(model, test)
     report = {
         "epochs_run": result.epochs_run,
         "best_epoch": result.best_epoch,
         "val_accuracy": round(result.best_val_accuracy, 6),
-        "test_accuracy": round(accuracy(model, test), 6),
+        "test_accuracy": round(test_accuracy, 6),
         "train_images": len(train),
         "seconds": result.seconds,
         "images_per_second": result.images_per_second,
+        "workers": cluster.count,
     }
     return model, train.classes, report
 
@@ -81,7 +89,10 @@ def _download(params: Params) -> tuple[keras.Model, None, dict]:
 def run(params: Params) -> SourceResult:
     started = time.perf_counter()
     if params.source.mode == "train":
-        model, classes, report = _train(params)
+        cluster = join()
+        model, classes, report = _train(params, cluster)
+        if not cluster.is_chief:
+            return SourceResult(params.source.mode, report["test_accuracy"])
     else:
         model, classes, report = _download(params)
         # dvc.yaml declares the curves folder as the stage's plots; a download has no curves to draw.

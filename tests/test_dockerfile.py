@@ -65,3 +65,21 @@ def test_image_runs_tlpipe_as_a_non_root_user() -> None:
 def test_credentials_and_local_state_stay_out_of_the_build_context() -> None:
     ignored = {line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()}
     assert {".dvc/config.local", ".venv", ".dvc/cache", "data", "models"} <= ignored
+
+
+def test_the_kubernetes_workers_run_the_gpu_image_through_its_one_entry_point() -> None:
+    import yaml
+
+    manifest = REPO / "deploy" / "k8s" / "finetune-multiworker.yaml"
+    (job,) = [doc for doc in yaml.safe_load_all(manifest.read_text()) if doc and doc["kind"] == "Job"]
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    assert container["image"].endswith(":gpu")  # docker build --build-arg VARIANT=gpu
+    # No `command`: the image's ENTRYPOINT, one for both variants, so the CPU image's `tlpipe stage
+    # finetune` (the tests') is what every worker runs; the cluster comes from the environment.
+    assert "command" not in container and container["args"][:2] == ["stage", "finetune"]
+    instructions = _instructions()
+    assert [args for name, args in instructions if name == "ENTRYPOINT"] == ['["tlpipe"]']
+    gpu = [args for name, args in instructions if name == "RUN" and 'VARIANT" = gpu' in args]
+    assert gpu and "jax[cuda12]" in gpu[0]  # the multi-worker backend, with CUDA
+    ports = {int(port) for name, args in instructions if name == "EXPOSE" for port in args.split()}
+    assert container["ports"][0]["containerPort"] in ports

@@ -45,11 +45,14 @@ class TrainFeed(keras.utils.PyDataset):
 
     `min_steps`: an epoch of a tiny split is repeated (each pass shuffled afresh) until it has this
     many steps. `epoch` must be set before each epoch (trainer's callback does), as Keras's own
-    epoch hook runs after the reading threads have started.
+    epoch hook runs after the reading threads have started. `shard` (index, count): in a multi-worker
+    run, each process reads its own slice of every global batch (`batch_size` is the global batch),
+    so the processes together train on exactly the batches one process would.
     """
 
     def __init__(self, split: Split, batch_size: int, *, seed: int, min_steps: int = 0,
-                 class_weight: dict[int, float] | None = None, multiple: int = 1) -> None:
+                 class_weight: dict[int, float] | None = None, multiple: int = 1,
+                 shard: tuple[int, int] = (0, 1)) -> None:
         super().__init__()
         n = len(split)
         batch = min(batch_size, n)
@@ -58,6 +61,10 @@ class TrainFeed(keras.utils.PyDataset):
         self.repeats = max(1, math.ceil(min_steps * self.batch_size / n))
         self.steps = math.ceil(n * self.repeats / self.batch_size)
         self.split, self.seed, self.epoch = split, seed, 0
+        index, count = shard
+        if self.batch_size % count:
+            raise ValueError(f"the global batch of {self.batch_size} does not divide between {count} processes")
+        self.rows = slice(index * self.batch_size // count, (index + 1) * self.batch_size // count)
         self.targets = np.eye(len(split.classes), dtype="float32")
         self.weights = None if class_weight is None else \
             np.asarray([class_weight[k] for k in range(len(split.classes))], dtype="float32")
@@ -81,7 +88,7 @@ class TrainFeed(keras.utils.PyDataset):
         return self.steps
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, ...]:
-        chosen = self.order(self.epoch)[index * self.batch_size : (index + 1) * self.batch_size]
+        chosen = self.order(self.epoch)[index * self.batch_size : (index + 1) * self.batch_size][self.rows]
         labels = self.split.y[chosen]
         batch = (self.split.images(chosen), self.targets[labels])
         return batch if self.weights is None else (*batch, self.weights[labels])

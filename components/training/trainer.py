@@ -8,6 +8,7 @@ epoch (weights, optimizer, early-stopping counters), so a killed run resumes whe
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -26,6 +27,7 @@ from components.core.artifacts import atomic_dir, write_text
 from components.core.config import FinetuneParams
 from components.data.dataset import Split
 from components.data.stream import TrainFeed, predict, replicas
+from components.training.distributed import process, process_local
 
 log = logging.getLogger(__name__)
 
@@ -95,11 +97,14 @@ class Checkpoint:
     machine (backend, precision policy): `precision: auto` is float32 on a CPU and bf16 on a GPU, so
     a checkpoint moved between them holds the same params but not the same run; it is ignored too,
     with a warning saying which setting differs. `context`/`context_arrays` carry the caller's own
-    state (e.g. the results of phases already finished) through every save.
+    state (e.g. the results of phases already finished) through every save. `writer` false (the other
+    processes of a multi-worker run): it reads the chief's checkpoint to resume from, and never writes.
     """
 
-    def __init__(self, directory: Path, fingerprint: str, settings: dict[str, str] | None = None) -> None:
+    def __init__(self, directory: Path, fingerprint: str, settings: dict[str, str] | None = None,
+                 writer: bool = True) -> None:
         self.directory, self.fingerprint, self.settings = Path(directory), fingerprint, dict(settings or {})
+        self.writer = writer
         self.state: dict | None = None
         self.arrays: dict[str, list[np.ndarray]] = {}
         self.context: dict = {}
@@ -135,6 +140,9 @@ class Checkpoint:
         return True
 
     def save(self, state: dict, arrays: dict[str, list[np.ndarray]]) -> None:
+        self.state, self.arrays = state, arrays
+        if not self.writer:
+            return
         flat = {f"{name}_{i}": array for name, group in arrays.items() for i, array in enumerate(group)}
         flat.update({f"ctx.{name}_{i}": a for name, group in self.context_arrays.items() for i, a in enumerate(group)})
         with atomic_dir(self.directory) as temp:
@@ -142,10 +150,11 @@ class Checkpoint:
             (temp / STATE_FILE).write_text(json.dumps({**state, "fingerprint": self.fingerprint,
                                                        "settings": self.settings, "context": self.context},
                                                       indent=1) + "\n")
-        self.state, self.arrays = state, arrays
 
     def finish(self) -> None:
         """Mark the run complete: the folder stays (DVC declares it), but holds nothing to resume."""
+        if not self.writer:
+            return
         with atomic_dir(self.directory) as temp:
             (temp / STATE_FILE).write_text(json.dumps({"fingerprint": self.fingerprint, "settings": self.settings,
                                                        "finished": True}) + "\n")
@@ -217,6 +226,10 @@ class _Epochs(keras.callbacks.Callback):
         per_epoch = (time.perf_counter() - self.started) / max(state["epoch"] - self.first_epoch, 1)
         log.info("%s epoch %d/%d  %s  (ETA %.0f s)", self.phase, state["epoch"], self.epochs, shown,
                  per_epoch * (self.epochs - state["epoch"]))
+        if process()[1] > 1:  # every worker logs it: a worker whose weights drifted from the others shows
+            digest = hashlib.sha256(b"".join(np.ascontiguousarray(w).tobytes() for w in self.saved.get_weights()))
+            log.info("%s epoch %d weights sha256 %s (process %d)", self.phase, state["epoch"],
+                     digest.hexdigest()[:16], process()[0])
         if self.curves is not None:
             self.curves.log(logs)
         for key in ("loss", "val_loss", "val_accuracy"):
@@ -389,7 +402,7 @@ def fit(
     weights = class_weights(train.y, len(train.classes)) if recipe.class_weight else None
     # Seeded by phase: the head and unfrozen phases do not repeat each other's order.
     feed = TrainFeed(train, batch_size, seed=seed + 1000 * (phase != "head"), min_steps=recipe.min_steps_per_epoch,
-                     class_weight=weights, multiple=replicas())
+                     class_weight=weights, multiple=replicas(), shard=process())
     steps = len(feed)
     trainer = with_augmentation(model, recipe.augment, seed)
     rate = lr_schedule(learning_rate, recipe, epochs, steps)
@@ -445,7 +458,8 @@ def evaluate(model: keras.Model, split: Split, batch_size: int = 256, label_smoo
     From `predict`, not `model.evaluate`: evaluate needs a `compile`, which throws away the model's
     traced functions, so each call traced a new one (measured: about 8 s a finetune run on busy cores).
     """
-    probabilities = predict(model, split, batch_size).astype("float64")
+    with process_local(model) as local:  # a multi-worker run: every process evaluates the whole split
+        probabilities = predict(local, split, batch_size).astype("float64")
     # Keras normalizes, then clips probabilities to [epsilon, 1 - epsilon] before the log; so does this.
     probabilities /= probabilities.sum(axis=1, keepdims=True)
     logs = np.log(np.clip(probabilities, keras.config.epsilon(), 1 - keras.config.epsilon()))
@@ -563,8 +577,9 @@ def data_parallel(enabled: bool) -> Iterator[tuple[str, ...]]:
     """Replicate the model over every local device and split each batch between them; yields the devices.
 
     TensorFlow: tf.distribute.MirroredStrategy over the GPUs, else the logical CPUs (build or load
-    the model inside this block). JAX: keras.distribution.DataParallel. One device, or `enabled`
-    false: a no-op that yields no devices (training runs wherever the backend puts it).
+    the model inside this block). JAX: keras.distribution.DataParallel, over every process's devices
+    when several processes joined (components.training.distributed). One device, or `enabled` false:
+    a no-op that yields no devices (training runs wherever the backend puts it).
     """
     backend = keras.backend.backend()
     if not enabled or backend not in ("tensorflow", "jax"):
@@ -576,7 +591,10 @@ def data_parallel(enabled: bool) -> Iterator[tuple[str, ...]]:
             yield ()
             return
         previous = keras.distribution.distribution()
-        keras.distribution.set_distribution(keras.distribution.DataParallel(devices=list(devices)))
+        distribution = keras.distribution.DataParallel(devices=list(devices))
+        # Several processes: each TrainFeed already reads only its own share of every batch.
+        distribution.auto_shard_dataset = process()[1] == 1
+        keras.distribution.set_distribution(distribution)
         try:
             yield devices
         finally:
