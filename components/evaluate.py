@@ -55,12 +55,17 @@ def _first_reaching(curve: list[float], elapsed: list[float], target: float) -> 
 
 
 def transfer_gain(params: Params, transfer_accuracy: float) -> dict:
-    """Train the from-scratch baseline and compare: test accuracy, and time/epochs to reach each other's best."""
-    if not params.evaluate.compare_scratch:
-        return {"compared": False}
+    """Compare with the from-scratch baseline (the scratch stage's report): test accuracy, and
+    time/epochs to reach each other's best. {"compared": False} when the baseline was not trained."""
     from components.core.artifacts import read_json
-    from components.training.scratch import train_scratch
 
+    baseline = read_json(params.paths.scratch_report) if params.paths.scratch_report.is_file() else {}
+    if not baseline.get("trained"):
+        if params.evaluate.min_transfer_gain is not None:
+            raise PipelineError(f"evaluate.min_transfer_gain needs the from-scratch baseline, and "
+                                f"{params.paths.scratch_report} holds none: run the scratch stage first "
+                                "(tlpipe stage scratch, with scratch.enabled: true)")
+        return {"compared": False}
     phases = read_json(params.paths.finetune_report)["phases"]
     curve: list[float] = []
     elapsed: list[float] = []
@@ -68,18 +73,18 @@ def transfer_gain(params: Params, transfer_accuracy: float) -> dict:
         offset = elapsed[-1] if elapsed else 0.0
         curve += list(result["val_accuracy"])
         elapsed += [offset + seconds for seconds in result["elapsed"]]
-    scratch = train_scratch(params)
-    scratch_curve, scratch_elapsed = list(scratch.fit.val_accuracy), list(scratch.fit.elapsed)
+    scratch = baseline["fit"]
+    scratch_curve, scratch_elapsed = list(scratch["val_accuracy"]), list(scratch["elapsed"])
     best_transfer, best_scratch = max(curve, default=0.0), max(scratch_curve, default=0.0)
     return {
         "compared": True,
         "transfer_accuracy": round(transfer_accuracy, 6),
-        "scratch_accuracy": round(scratch.test_accuracy, 6),
-        "accuracy_gain": round(transfer_accuracy - scratch.test_accuracy, 6),
+        "scratch_accuracy": round(baseline["test_accuracy"], 6),
+        "accuracy_gain": round(transfer_accuracy - baseline["test_accuracy"], 6),
         "transfer": {"epochs": len(curve), "seconds": round(elapsed[-1], 3) if elapsed else 0.0,
                      "best_val_accuracy": best_transfer,
                      "to_reach_scratch_best": _first_reaching(curve, elapsed, best_scratch)},
-        "scratch": {"epochs": len(scratch_curve), "seconds": scratch.fit.seconds, "best_val_accuracy": best_scratch,
+        "scratch": {"epochs": len(scratch_curve), "seconds": scratch["seconds"], "best_val_accuracy": best_scratch,
                     "to_reach_transfer_best": _first_reaching(scratch_curve, scratch_elapsed, best_transfer)},
     }
 
@@ -131,7 +136,7 @@ def run(params: Params) -> EvaluateResult:
                  gain["transfer_accuracy"], gain["scratch_accuracy"], gain["accuracy_gain"])
         if gain["accuracy_gain"] < 0:
             log.warning("negative transfer: the transferred model scored %+.4f test accuracy against one trained from "
-                        "scratch on the same labels; try other transfer.layers / transfer.freeze, or skip transfer",
+                        "scratch on the same labels; try other transfer.layers / finetune.head_epochs, or skip transfer",
                         gain["accuracy_gain"])
     gates = apply_gates(metrics, params, gain)
     write_json(params.paths.metrics, metrics)
