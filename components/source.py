@@ -39,7 +39,7 @@ def _train(params: Params) -> tuple[keras.Model, tuple[str, ...], dict]:
     result = fit(
         model, train, val, phase="source", epochs=cfg.epochs, batch_size=cfg.batch_size,
         learning_rate=cfg.learning_rate, patience=cfg.patience,
-        curves=Curves(params.paths.training_curves / "source"),
+        curves=Curves(params.paths.training_curves / "source"), seed=params.seed,
     )
     report = {
         "epochs_run": result.epochs_run,

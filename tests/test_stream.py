@@ -246,7 +246,8 @@ train, val = load_split(params.paths.clean, "target", "train"), load_split(param
 with data_parallel(True) as devices:
     keras.utils.set_random_seed(0)
     model = build_model(params.model, params.data, len(train.classes), bn_inference=False)
-    fitted = fit(model, train, val, phase="head", epochs=2, batch_size=8, learning_rate=0.001, patience=2)
+    fitted = fit(model, train, val, phase="head", epochs=2, batch_size=8, learning_rate=0.001, patience=2,
+                 seed=0)
     parallel = predict(model, val, batch_size=4)
     scores = evaluate(model, val, batch_size=4)
 single = predict(model, val, batch_size=4)  # the same weights on one device, no padding needed
