@@ -104,14 +104,12 @@ def _plot_confusion(matrix: np.ndarray, classes: tuple[str, ...], path: Path) ->
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from sklearn.metrics import ConfusionMatrixDisplay
 
     figure, axes = plt.subplots(figsize=(1.2 + 0.6 * len(classes), 1 + 0.6 * len(classes)))
-    axes.imshow(matrix, cmap="Blues")
-    axes.set(xticks=range(len(classes)), yticks=range(len(classes)), xticklabels=classes, yticklabels=classes,
-             xlabel="predicted", ylabel="actual", title="target test split")
-    for (row, col), count in np.ndenumerate(matrix):
-        axes.text(col, row, str(count), ha="center", va="center",
-                  color="white" if count > matrix.max() / 2 else "black")
+    ConfusionMatrixDisplay(matrix, display_labels=list(classes)).plot(ax=axes, cmap="Blues", colorbar=False,
+                                                                      values_format="d")
+    axes.set(xlabel="predicted", ylabel="actual", title="target test split")
     figure.tight_layout()
     with atomic_path(path) as temp:
         figure.savefig(temp, format="png", dpi=100)
