@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from components import evaluate, finetune, scratch, source, transfer
@@ -13,6 +14,7 @@ from components.core.config import Params, with_overrides
 from components.core.errors import PipelineError
 from components.training.models import build_model
 from components.training.trainability import set_phase
+from components.training.trainer import class_weights
 from tests.conftest import REPO
 
 
@@ -92,6 +94,16 @@ def test_one_function_decides_what_trains_in_each_phase_and_batchnorm_never_does
     assert sorted(f"backbone.{layer.name}" for layer in layers.layers if layer.trainable_weights) == sorted(backbone)
     assert not any(layer.trainable for layer in layers.layers if "_bn" in layer.name)
     assert len(model.trainable_weights) == len(backbone) + 2  # each conv's kernel (no bias), head kernel and bias
+
+
+def test_class_weights_are_scikit_learns_balanced_weights_and_zero_for_an_absent_class() -> None:
+    from sklearn.utils.class_weight import compute_class_weight
+
+    labels = np.array([0] * 30 + [1] * 5 + [2] * 12 + [3] * 3)
+    ours = class_weights(labels, 4)
+    np.testing.assert_allclose([ours[k] for k in range(4)],
+                               compute_class_weight("balanced", classes=np.arange(4), y=labels), rtol=1e-12)
+    assert class_weights(labels, 5)[4] == 0.0  # scikit-learn refuses a class with no image
 
 
 @pytest.mark.slow  # ~40 s on 2 cores: keeps make test within its 10-minute budget
