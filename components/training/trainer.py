@@ -96,6 +96,8 @@ class Checkpoint:
     a checkpoint moved between them holds the same params but not the same run; it is ignored too,
     with a warning saying which setting differs. `context`/`context_arrays` carry the caller's own
     state (e.g. the results of phases already finished) through every save.
+    Not keras.callbacks.BackupAndRestore: that restores weights, optimizer and epoch, but neither the
+    early-stopping counters and best weights so far nor the inputs a checkpoint was written for.
     """
 
     def __init__(self, directory: Path, fingerprint: str, settings: dict[str, str] | None = None) -> None:
