@@ -72,7 +72,7 @@ def overrides(photos: Path, image_size: int, epochs: int) -> dict[str, object]:
         "data.color_mode": "rgb", "data.image_size": image_size,
         "clean.target_train_per_class": None,
         "source.epochs": epochs, "finetune.head_epochs": epochs, "finetune.epochs": epochs,
-        "evaluate.min_accuracy": 0.0, "evaluate.min_macro_f1": 0.0, "evaluate.compare_scratch": False,
+        "evaluate.min_accuracy": 0.0, "evaluate.min_macro_f1": 0.0, "scratch.enabled": False,
         "evaluate.min_transfer_gain": None, "export.variants": [],
     }
 

@@ -25,12 +25,11 @@ from components.core.config import Params
 from components.core.errors import PipelineError
 from components.core.reports import QuarantineReport, write_report
 from components.data.raw_record import assigned_splits
-from components.data.dataset import SplitWriter
+from components.data.dataset import SPLITS, SplitWriter
 from components.data.images import MANIFEST_COLUMNS, TASKS, class_folders, list_class_images, load_normalized, workers_for
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
 MIN_KEPT_PER_CLASS = len(SPLITS)  # one image in each split
 
 

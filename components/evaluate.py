@@ -18,8 +18,9 @@ from components.core.config import Params
 from components.data.dataset import load_split
 from components.core.errors import PipelineError
 from components.core.metrics import compute_metrics
-from components.core.reports import (FinetuneReport, GatesReport, MetricsReport, ScoresReport, TransferGainReport,
-                                     build_gates, metric_gates, number, require_report, write_report)
+from components.core.reports import (FinetuneReport, GatesReport, MetricsReport, ScoresReport, ScratchReport,
+                                     TransferGainReport, build_gates, metric_gates, number, read_report,
+                                     require_report, write_report)
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +53,15 @@ def _first_reaching(curve: list[float], elapsed: list[float], target: float) -> 
 
 
 def transfer_gain(params: Params, transfer_accuracy: float) -> dict:
-    """Train the from-scratch baseline and compare: test accuracy, and time/epochs to reach each other's best."""
-    if not params.evaluate.compare_scratch:
+    """Compare with the from-scratch baseline (the scratch stage's report): test accuracy, and
+    time/epochs to reach each other's best. {"compared": False} when the baseline was not trained."""
+    baseline = read_report(params.paths.scratch_report, ScratchReport)
+    if baseline is None or not baseline.trained:
+        if params.evaluate.min_transfer_gain is not None:
+            raise PipelineError(f"evaluate.min_transfer_gain needs the from-scratch baseline, and "
+                                f"{params.paths.scratch_report} holds none: run the scratch stage first "
+                                "(tlpipe stage scratch, with scratch.enabled: true)")
         return {"compared": False}
-    from components.training.scratch import train_scratch
-
     phases = require_report(params.paths.finetune_report, FinetuneReport).phases
     curve: list[float] = []
     elapsed: list[float] = []
@@ -64,18 +69,18 @@ def transfer_gain(params: Params, transfer_accuracy: float) -> dict:
         offset = elapsed[-1] if elapsed else 0.0
         curve += list(result["val_accuracy"])
         elapsed += [offset + seconds for seconds in result["elapsed"]]
-    scratch = train_scratch(params)
-    scratch_curve, scratch_elapsed = list(scratch.fit.val_accuracy), list(scratch.fit.elapsed)
+    scratch = baseline.fit or {}
+    scratch_curve, scratch_elapsed = list(scratch["val_accuracy"]), list(scratch["elapsed"])
     best_transfer, best_scratch = max(curve, default=0.0), max(scratch_curve, default=0.0)
     return {
         "compared": True,
         "transfer_accuracy": round(transfer_accuracy, 6),
-        "scratch_accuracy": round(scratch.test_accuracy, 6),
-        "accuracy_gain": round(transfer_accuracy - scratch.test_accuracy, 6),
+        "scratch_accuracy": round(baseline.test_accuracy, 6),
+        "accuracy_gain": round(transfer_accuracy - baseline.test_accuracy, 6),
         "transfer": {"epochs": len(curve), "seconds": round(elapsed[-1], 3) if elapsed else 0.0,
                      "best_val_accuracy": best_transfer,
                      "to_reach_scratch_best": _first_reaching(curve, elapsed, best_scratch)},
-        "scratch": {"epochs": len(scratch_curve), "seconds": scratch.fit.seconds, "best_val_accuracy": best_scratch,
+        "scratch": {"epochs": len(scratch_curve), "seconds": scratch["seconds"], "best_val_accuracy": best_scratch,
                     "to_reach_transfer_best": _first_reaching(scratch_curve, scratch_elapsed, best_transfer)},
     }
 
@@ -95,14 +100,12 @@ def _plot_confusion(matrix: np.ndarray, classes: tuple[str, ...], path: Path) ->
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from sklearn.metrics import ConfusionMatrixDisplay
 
     figure, axes = plt.subplots(figsize=(1.2 + 0.6 * len(classes), 1 + 0.6 * len(classes)))
-    axes.imshow(matrix, cmap="Blues")
-    axes.set(xticks=range(len(classes)), yticks=range(len(classes)), xticklabels=classes, yticklabels=classes,
-             xlabel="predicted", ylabel="actual", title="target test split")
-    for (row, col), count in np.ndenumerate(matrix):
-        axes.text(col, row, str(count), ha="center", va="center",
-                  color="white" if count > matrix.max() / 2 else "black")
+    ConfusionMatrixDisplay(matrix, display_labels=list(classes)).plot(ax=axes, cmap="Blues", colorbar=False,
+                                                                      values_format="d")
+    axes.set(xlabel="predicted", ylabel="actual", title="target test split")
     figure.tight_layout()
     with atomic_path(path) as temp:
         figure.savefig(temp, format="png", dpi=100)
@@ -127,7 +130,7 @@ def run(params: Params) -> EvaluateResult:
                  gain["transfer_accuracy"], gain["scratch_accuracy"], gain["accuracy_gain"])
         if gain["accuracy_gain"] < 0:
             log.warning("negative transfer: the transferred model scored %+.4f test accuracy against one trained from "
-                        "scratch on the same labels; try other transfer.layers / transfer.freeze, or skip transfer",
+                        "scratch on the same labels; try other transfer.layers / finetune.head_epochs, or skip transfer",
                         gain["accuracy_gain"])
     gates = apply_gates(metrics, params, gain)
     write_report(params.paths.metrics, MetricsReport(**metrics))

@@ -1,5 +1,7 @@
 """Stage `finetune`: train the head on the frozen backbone, then unfreeze its top layers at a lower rate.
 
+Which layers train in each phase is decided by components.training.trainability alone.
+
 Every epoch ends with a checkpoint (paths.finetune_checkpoint), so a killed run continues from its
 last completed epoch when rerun; the finished model is written whole or not at all. Several
 processes train together when the environment names a cluster (components.training.distributed);
@@ -19,9 +21,8 @@ from components.core.reports import FinetuneReport, write_report
 from components.core.config import Params
 from components.data.dataset import Split, load_split
 from components.training.distributed import agree, join
-from components.training.models import (
-    BACKBONE_NAME, MODEL_FILE, keep_batchnorm_inference, load_model_dir, save_model_dir,
-)
+from components.training.models import BACKBONE_NAME, MODEL_FILE, load_model_dir, save_model_dir
+from components.training.trainability import Trainable, set_phase
 from components.training.trainer import (
     Checkpoint, Curves, FitResult, accelerators, data_parallel, evaluate, fit, prepare_backend, recipe, with_precision,
 )
@@ -36,22 +37,6 @@ class FinetuneResult:
 
     def __str__(self) -> str:
         return f"best val accuracy {self.val_accuracy:.4f} (kept the {self.kept_phase} weights)"
-
-
-def unfreeze_top(model: keras.Model, count: int) -> list[str]:
-    """Make the top `count` weighted backbone layers trainable (-1: all); returns their names.
-
-    BatchNorm layers among them stay frozen, in inference mode (their moving statistics are the
-    source task's, and a small target batch would overwrite them), so they are not in the list.
-    """
-    backbone = model.get_layer(BACKBONE_NAME)
-    weighted = [layer for layer in backbone.layers if layer.weights]
-    chosen = weighted if count < 0 else weighted[len(weighted) - count :] if count else []
-    backbone.trainable = bool(chosen)
-    for layer in weighted:
-        layer.trainable = layer in chosen
-    kept = set(keep_batchnorm_inference(backbone))
-    return [layer.name for layer in chosen if layer.name not in kept]
 
 
 def _fingerprint(params: Params, train: Split, val: Split) -> str:
@@ -79,7 +64,6 @@ def run(params: Params) -> FinetuneResult:
     resuming = checkpoint.load()
     with data_parallel(cfg.data_parallel or cluster.count > 1) as devices:
         model, classes = load_model_dir(params.paths.transferred_model)
-        keep_batchnorm_inference(model)  # also in the head phase, whatever transfer.freeze left trainable
         trainee = with_precision(model, policy)
         log.info("fine-tuning on %d images of %d classes (backend %s, %s, %d replica(s), accelerators: %s)",
                  len(train), len(classes), keras.backend.backend(), policy, max(len(devices), 1),
@@ -93,6 +77,10 @@ def run(params: Params) -> FinetuneResult:
             if cluster.is_chief else None
         common = dict(batch_size=cfg.batch_size, patience=cfg.patience, curves=curves, recipe=recipe(cfg),
                       checkpoint=checkpoint, seed=params.seed)
+        trainable: dict[str, Trainable] = {}
+        if cfg.head_epochs:
+            trainable["head"] = set_phase(trainee, "head")
+            log.info("%s", trainable["head"])
         if cfg.head_epochs and "head" not in phases:
             phases["head"] = fit(trainee, train, val, phase="head", epochs=cfg.head_epochs,
                                  learning_rate=cfg.head_learning_rate, **common)
@@ -103,9 +91,11 @@ def run(params: Params) -> FinetuneResult:
         else:
             best_loss, best_weights = evaluate(trainee, val)["loss"], trainee.get_weights()
             checkpoint.context["head_loss"], checkpoint.context_arrays["head"] = best_loss, best_weights
-        unfrozen = unfreeze_top(trainee, cfg.unfreeze_top) if cfg.epochs else []
-        if unfrozen:
-            log.info("unfreezing %d backbone layers: %s", len(unfrozen), ", ".join(unfrozen))
+        # The second phase runs when it trains more than the first: some backbone layer besides BatchNorm.
+        unfrozen = set_phase(trainee, "unfrozen", cfg.unfreeze_top) if cfg.epochs else None
+        if unfrozen is not None and unfrozen.backbone:
+            trainable["unfrozen"] = unfrozen
+            log.info("%s", unfrozen)
             phases["unfrozen"] = fit(trainee, train, val, phase="unfrozen", epochs=cfg.epochs,
                                      learning_rate=cfg.learning_rate, **common)
             loss = evaluate(trainee, val)["loss"]
@@ -116,7 +106,7 @@ def run(params: Params) -> FinetuneResult:
                          "weights", loss, best_loss)
                 trainee.set_weights(best_weights)
         if trainee is not model:  # the float32 original is what gets saved and exported
-            unfreeze_top(model, cfg.unfreeze_top if unfrozen else 0)
+            set_phase(model, *(("unfrozen", cfg.unfreeze_top) if "unfrozen" in trainable else ("head",)))
             model.set_weights(trainee.get_weights())
         # Both reported figures from the model that is saved (trainee may compute in bf16).
         final = evaluate(model, val)
@@ -140,6 +130,8 @@ def run(params: Params) -> FinetuneResult:
         "val_loss": round(final["loss"], 6),
         "val_accuracy": round(final["accuracy"], 6),
         "phases": {name: asdict(result) for name, result in phases.items()},
+        # Per phase that ran, the weighted layers it trained (components.training.trainability decides).
+        "trainable": {name: [*what.backbone, *what.others] for name, what in trainable.items()},
     }))
     checkpoint.finish()
     return FinetuneResult(final["accuracy"], kept)

@@ -45,7 +45,7 @@ def _train(params: Params, cluster: Cluster) -> tuple[keras.Model, tuple[str, ..
         result = fit(
             model, train, val, phase="source", epochs=cfg.epochs, batch_size=cfg.batch_size,
             learning_rate=cfg.learning_rate, patience=cfg.patience,
-            curves=Curves(params.paths.training_curves / "source") if cluster.is_chief else None,
+            curves=Curves(params.paths.training_curves / "source") if cluster.is_chief else None, seed=params.seed,
         )
         test_accuracy = accuracy(model, test)
     report = {

@@ -1,9 +1,10 @@
-"""Stage `transfer`: build the target model, copy the source model's weights into it, and freeze by policy.
+"""Stage `transfer`: build the target model and copy the source model's weights into it.
 
 Weights move layer by layer (matched by path or by position), only where every shape agrees; the
 one exception is the first convolution when the channel counts differ (gray <-> RGB), whose
 kernel is adapted so a gray image gives the same response. Everything else is skipped with a
 reason and keeps its fresh initialization; reports/transfer.json and a markdown table say which.
+Which layers then train, in which phase, is fine-tuning's choice (components.training.trainability).
 """
 
 from __future__ import annotations
@@ -19,8 +20,7 @@ from components.core.artifacts import write_text
 from components.core.reports import TransferReport, write_report
 from components.core.config import Params
 from components.data.dataset import class_names
-from components.core.errors import PipelineError
-from components.training.models import BACKBONE_NAME, build_model, load_model_dir, save_model_dir, weighted_layers
+from components.training.models import build_model, load_model_dir, save_model_dir, weighted_layers
 
 log = logging.getLogger(__name__)
 
@@ -30,11 +30,9 @@ class TransferResult:
     transferred: int
     skipped: int
     reinitialized: int
-    frozen: int
 
     def __str__(self) -> str:
-        return (f"{self.transferred} layers transferred, {self.skipped} skipped, "
-                f"{self.reinitialized} reinitialized, {self.frozen} frozen")
+        return f"{self.transferred} layers transferred, {self.skipped} skipped, {self.reinitialized} reinitialized"
 
 
 def _shapes(weights: list[np.ndarray]) -> list[tuple[int, ...]]:
@@ -113,57 +111,26 @@ def transfer_weights(
     return report
 
 
-def apply_freeze(target: keras.Model, policy: str) -> list[str]:
-    """Freeze backbone layers by policy (all | none | until:NAME | top:N); returns the frozen paths.
-
-    until:NAME freezes from the input up to and including the last layer whose name starts with
-    NAME (e.g. until:block2); top:N leaves the top N weighted backbone layers trainable.
-    """
-    backbone = target.get_layer(BACKBONE_NAME)
-    weighted = list(weighted_layers(backbone, prefix=f"{BACKBONE_NAME}."))
-    if policy == "all":
-        count = len(weighted)
-    elif policy == "none":
-        count = 0
-    elif policy.startswith("until:"):
-        name = policy.split(":", 1)[1]
-        hits = [i for i, (path, layer) in enumerate(weighted) if layer.name.startswith(name)]
-        if not hits:
-            sample = ", ".join(layer.name for _, layer in weighted[:6])
-            raise PipelineError(f"transfer.freeze {policy}: no backbone layer is named {name}*; "
-                                f"layer names start like: {sample}, ...")
-        count = hits[-1] + 1
-    elif policy.startswith("top:"):
-        count = max(len(weighted) - int(policy.split(":", 1)[1]), 0)
-    else:  # config.py validates the syntax; this guards callers that bypass it
-        raise PipelineError(f"transfer.freeze {policy!r}: use all, none, until:NAME or top:N")
-    # The whole-model switch first: setting it on a model resets every sublayer.
-    backbone.trainable = count < len(weighted)
-    for position, (_, layer) in enumerate(weighted):
-        layer.trainable = position >= count
-    return [path for path, _ in weighted[:count]]
-
-
 def _table(report: dict, params: Params) -> str:
     """The per-layer report as a markdown table a person can read."""
-    frozen = set(report["frozen"])
     counts = {status: sum(item["status"] == status for item in report["layers"])
               for status in ("transferred", "adapted", "skipped", "reinitialized")}
     lines = [
         "# Weight transfer",
         "",
-        f"match: `{params.transfer.match}`, layers: `{', '.join(params.transfer.layers)}`, "
-        f"freeze: `{params.transfer.freeze}`",
+        f"match: `{params.transfer.match}`, layers: `{', '.join(params.transfer.layers)}`",
         "",
-        ", ".join(f"{count} {status}" for status, count in counts.items()) + f", {len(frozen)} frozen",
+        ", ".join(f"{count} {status}" for status, count in counts.items()),
         "",
-        "| # | layer | status | from | frozen | why |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "Which layers train, in which phase, is fine-tuning's choice (finetune.head_epochs, finetune.unfreeze_top): "
+        "see the `trainable` lists of the fine-tune report.",
+        "",
+        "| # | layer | status | from | why |",
+        "| --- | --- | --- | --- | --- |",
     ]
     for number, item in enumerate(report["layers"], start=1):
         why = item["reason"].replace("|", "\\|")
-        lines.append(f"| {number} | `{item['layer']}` | {item['status']} | {item['source'] or ''} | "
-                     f"{'yes' if item['layer'] in frozen else 'no'} | {why} |")
+        lines.append(f"| {number} | `{item['layer']}` | {item['status']} | {item['source'] or ''} | {why} |")
     return "\n".join(lines) + "\n"
 
 
@@ -176,12 +143,10 @@ def run(params: Params) -> TransferResult:
     report = transfer_weights(source, target, cfg.layers, cfg.match, cfg.adapt_channels)
     if not report["transferred"]:
         log.warning("no layer was transferred: the target model starts from scratch (check transfer.layers)")
-    report["frozen"] = apply_freeze(target, cfg.freeze)
-    report.update(freeze=cfg.freeze, match=cfg.match, patterns=list(cfg.layers))
+    report.update(match=cfg.match, patterns=list(cfg.layers))
     save_model_dir(target, classes, params.paths.transferred_model)
     write_report(params.paths.transfer_report, TransferReport(**report))
     write_text(params.paths.transfer_table, _table(report, params))
     for item in report["skipped"]:
         log.info("skipped %s: %s", item["layer"], item["reason"])
-    return TransferResult(len(report["transferred"]), len(report["skipped"]), len(report["reinitialized"]),
-                          len(report["frozen"]))
+    return TransferResult(len(report["transferred"]), len(report["skipped"]), len(report["reinitialized"]))

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
@@ -80,13 +81,28 @@ def dvc_push(root: Path) -> str:
     return _sync(root, ["push"], "pushed to")
 
 
-def _repro(args: list[str], root: Path) -> list[str]:
-    """Run `dvc repro ARGS`, its output streamed to the run's log; the stages it ran.
+def _lock(root: Path) -> dict[str, Any]:
+    """dvc.lock's record of each stage (its deps, params and outs with their hashes), as DVC wrote it."""
+    path = root / "dvc.lock"
+    return (yaml.safe_load(path.read_text()) or {}).get("stages") or {} if path.is_file() else {}
 
-    No retries: a stage fails deterministically (bad data, a failed gate), so a retry repeats it.
+
+def _repro(root: Path, stage: str | None = None, force: bool = False, stale: list[str] | None = None) -> list[str]:
+    """Run `dvc repro` (of `stage` only, or the graph), its output streamed to the run's log; the stages it ran.
+
+    Asked of DVC, not read from its console: the stages `dvc status` finds out of date before (`stale`
+    when the caller has just asked; and always_changed ones), and those whose dvc.lock record the run
+    rewrote (downstream of a change). No retries: a stage fails deterministically (bad data, a failed gate), so a retry repeats it.
     """
+    from components.deploy.promote import stale_stages
+
     logger = get_run_logger()
-    command, env = _dvc_command(["repro", *args])
+    graph = (yaml.safe_load((root / "dvc.yaml").read_text()) or {}).get("stages") or {}
+    targets = [stage] if stage else list(graph)
+    due = set(targets) if force else set(stale_stages(root, stage) if stale is None else stale) | {
+        name for name in targets if (graph[name] or {}).get("always_changed")}
+    before = _lock(root)
+    command, env = _dvc_command(["repro", *(["--force"] if force else []), *([stage] if stage else [])])
     lines: list[str] = []
     with subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as process:
         for line in process.stdout or []:
@@ -94,15 +110,16 @@ def _repro(args: list[str], root: Path) -> list[str]:
             logger.info("%s", lines[-1])
     if process.returncode != 0:
         tail = "\n".join(lines[-40:])
-        raise PipelineError(f"dvc repro {' '.join(args)} failed; the champion is untouched:\n{tail}")
-    return [line.split("'")[1] for line in lines if line.startswith("Running stage '")]
+        raise PipelineError(f"dvc repro {stage or ''} failed; the champion is untouched:\n{tail}")
+    after = _lock(root)
+    return [name for name in targets if name in due or after.get(name) != before.get(name)]
 
 
 @task(cache_policy=NO_CACHE)
 def ingest(root: Path) -> list[str]:
     # Ingest is always_changed in dvc.yaml: it looks at the input folders and rewrites nothing
     # when they are unchanged, so afterwards `dvc status` tells whether the data changed.
-    return _repro(["ingest"], root)
+    return _repro(root, "ingest")
 
 
 @task(cache_policy=NO_CACHE)
@@ -114,8 +131,8 @@ def pipeline_changes(root: Path) -> dict[str, str]:
 
 
 @task(cache_policy=NO_CACHE)
-def repro(root: Path, force: bool) -> list[str]:
-    return _repro(["--force"] if force else [], root)
+def repro(root: Path, force: bool, stale: list[str]) -> list[str]:
+    return _repro(root, force=force, stale=stale)
 
 
 @task(cache_policy=NO_CACHE)
@@ -213,7 +230,7 @@ def retrain(params_path: str = "params.yaml", force: bool = False, notify_block:
                                       else "the exported model was not judged against the champion yet")
         logger.info("retraining (%s)", why)
         logger.debug("dvc status: %s", changes)
-        ran += [stage for stage in repro(root, force) if stage not in ran]
+        ran += [stage for stage in repro(root, force, list(changes)) if stage not in ran]
         decision = promote(params)
     else:
         skipped = (f"nothing changed: data, params and code match dvc.lock, and the challenger was already "

@@ -156,7 +156,8 @@ def _speed(work: Path, backbone: str, args: argparse.Namespace) -> dict:
     from components import finetune
     from components.core.config import load_params, with_overrides
     from components.data.dataset import class_names, load_split
-    from components.training.models import BACKBONE_NAME, build_model, load_model_dir, save_model_dir
+    from components.training.models import build_model, load_model_dir, save_model_dir
+    from components.training.trainability import set_phase
     from components.training.trainer import Throughput, with_precision
 
     clean = CARRIED / RGB224 / "data/clean"
@@ -171,7 +172,6 @@ def _speed(work: Path, backbone: str, args: argparse.Namespace) -> dict:
     classes = class_names(clean, "target")
     keras.utils.set_random_seed(params.seed)
     model = build_model(params.model, params.data, len(classes), bn_inference=True)
-    model.get_layer(BACKBONE_NAME).trainable = False  # as transfer leaves it (freeze: all)
     save_model_dir(model, classes, params.paths.transferred_model)
     keras.backend.clear_session()
 
@@ -184,7 +184,7 @@ def _speed(work: Path, backbone: str, args: argparse.Namespace) -> dict:
     # stage's epoch length, one fit, no callbacks but the clock.
     model, _ = load_model_dir(params.paths.transferred_model)
     trainee = with_precision(model, report["precision"])
-    finetune.unfreeze_top(trainee, -1)
+    set_phase(trainee, "unfrozen", -1)
     train = load_split(clean, "target", "train")
     repeats = max(1, math.ceil(args.steps * args.batch_size / len(train)))
     x = np.concatenate([train.batch(0, len(train))] * repeats)  # in memory on purpose: the baseline

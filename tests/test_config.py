@@ -49,6 +49,20 @@ def test_mistakes_fail_naming_the_key(tmp_path: Path, edit, message: str) -> Non
     assert message in str(error.value)
 
 
+@pytest.mark.parametrize(("section", "key", "value", "replacement"), [
+    ("transfer", "freeze", "all", "finetune.unfreeze_top"),
+    ("evaluate", "compare_scratch", True, "scratch.enabled"),
+])
+def test_a_removed_key_fails_naming_the_key_and_what_replaced_it(
+        tmp_path: Path, section: str, key: str, value: object, replacement: str) -> None:
+    # An older params.yaml still setting it: the same error from the file and from an override.
+    with pytest.raises(PipelineError) as error:
+        load_params(_write(tmp_path, lambda raw: raw[section].update({key: value})))
+    assert f"'{section}.{key}' was removed" in str(error.value) and replacement in str(error.value)
+    with pytest.raises(PipelineError, match=f"'{section}.{key}' was removed.*{replacement}"):
+        set_dotted(effective_raw(REPO / "params.yaml"), {f"{section}.{key}": value})
+
+
 def test_relative_user_folders_are_taken_from_the_repository(tmp_path: Path) -> None:
     path = _write(tmp_path, lambda raw: raw["data"].update(source_dir="mine/source"))
     assert load_params(path).data.source_dir == str(tmp_path / "mine/source")
@@ -107,7 +121,7 @@ def test_every_numeric_setting_refuses_a_bool(tmp_path: Path) -> None:
         ({"data.embedded_source_classes": [1, 1]}, "data.embedded_source_classes must list one or more different"),
         ({"data.embedded_target_classes": []}, "data.embedded_target_classes must list one or more different"),
         ({"data.embedded_target_classes": [10]}, "'data.embedded_target_classes.0': Input should be less than or equal to 9"),
-        ({"evaluate.min_transfer_gain": 0.05}, "evaluate.min_transfer_gain gates a comparison"),
+        ({"evaluate.min_transfer_gain": 0.05}, "evaluate.min_transfer_gain gates a comparison that scratch.enabled"),
         ({"source.mode": "download", "source.weights": "w.keras"}, "set source.sha256 to the file's 64-hex digest"),
     ],
 )
@@ -127,7 +141,7 @@ def test_ranges_types_and_rules_between_keys_fail_naming_the_keys(
         {"source.sha256": "AB" * 32},
         {"finetune.learning_rate": 1},  # a whole number is a fine float
         {"validate.min_side": 500, "validate.max_side": 500},
-        {"evaluate.min_transfer_gain": 0.05, "evaluate.compare_scratch": True},
+        {"evaluate.min_transfer_gain": 0.05, "scratch.enabled": True},
         {"finetune.jit_compile": True},
     ],
 )

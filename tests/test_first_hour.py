@@ -75,7 +75,8 @@ def test_the_digits_then_your_own_photos_pass_on_the_first_try_with_a_quiet_cons
     digits = run([str(BIN / "dvc"), "repro"], root)
     printed = digits.stdout + digits.stderr
     assert noise(printed) == [], "library noise on the console"
-    assert ran(printed) == ["ingest", "validate", "clean", "source", "transfer", "finetune", "evaluate", "report", "export"]
+    assert ran(printed) == ["ingest", "validate", "clean", "scratch", "source", "transfer", "finetune", "evaluate", "report",
+                           "export"]
     shown = run([str(BIN / "dvc"), "metrics", "show"], root).stdout
     assert max(len(line) for line in shown.splitlines()) <= 160, shown
     assert {"accuracy", "macro_f1", "gates_passed", "onnx_max_abs_diff"} <= set(shown.split())

@@ -71,6 +71,8 @@ def test_the_page_holds_every_section_and_the_runs_facts(run: Params) -> None:
     # evaluation: every gate with its value and threshold
     gates = json.loads(run.paths.gates.read_text())["gates"]
     assert all(f"<td>{g['name']}</td>" in page for g in gates)
+    # transfer: what each fine-tuning phase trained, as finetune recorded it (head alone, then 6 convs + head)
+    assert "trained in fine-tuning: 1 in the head phase; 7 in the unfrozen phase" in page
 
 
 def test_the_bundle_copy_has_the_export_section_filled_in(run: Params) -> None:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from components.core.config import Params
-from components.training.models import BACKBONE_NAME, build_model, load_model_dir, save_model_dir
+from components.training.models import build_model, load_model_dir, save_model_dir
 from tests.conftest import REPO, shrunk_params, write_clean_split, write_shrunk_params_yaml
 
 
@@ -45,7 +45,7 @@ def write_texture_task(clean_dir: Path, per_split: dict[str, int], size: int, se
 
 
 def finetune_workspace(root: Path, extra: dict[str, object] | None = None) -> tuple[Params, Path]:
-    """A cleaned target task and a transferred model (frozen backbone) under `root`, and its params.yaml.
+    """A cleaned target task and a transferred model under `root`, and its params.yaml.
 
     The model is built, not trained on a source task: fine-tuning does not care where its
     starting weights came from, and this keeps the subprocess tests short.
@@ -56,7 +56,6 @@ def finetune_workspace(root: Path, extra: dict[str, object] | None = None) -> tu
     write_texture_task(params.paths.clean, {"train": 24, "val": 8, "test": 16}, params.data.image_size)
     keras.utils.set_random_seed(params.seed)
     model = build_model(params.model, params.data, 3, bn_inference=True)
-    model.get_layer(BACKBONE_NAME).trainable = False
     save_model_dir(model, TEXTURES, params.paths.transferred_model)
     return params, write_shrunk_params_yaml(root / "params.yaml", extra)
 

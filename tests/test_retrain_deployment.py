@@ -228,8 +228,8 @@ def test_the_first_run_trains_the_whole_pipeline_and_promotes_a_first_champion(r
 
     # The end-to-end checks, on what this run's `dvc repro` wrote.
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"ingest", "validate", "clean", "source", "transfer", "finetune", "evaluate", "report",
-                                  "export"}
+    assert set(lock["stages"]) == {"ingest", "validate", "clean", "scratch", "source", "transfer", "finetune", "evaluate",
+                                  "report", "export"}
     metrics = json.loads((repo / "reports/metrics.json").read_text())
     assert metrics["accuracy"] >= END_TO_END["evaluate.min_accuracy"], "the pipeline did not learn the digits"
     assert metrics["macro_f1"] >= END_TO_END["evaluate.min_macro_f1"]
@@ -264,6 +264,8 @@ def test_the_first_run_trains_the_whole_pipeline_and_promotes_a_first_champion(r
     found = artifacts(runs[0].id)
     summary = found[SUMMARY_KEY].data
     assert "| run | retrained |" in summary and "challenger promoted; production v1" in summary
+    # The stages run, as DVC records them (status before, dvc.lock after): the whole graph, in its order.
+    assert f"| stages run | {' -> '.join(lock['stages'])} |" in summary
     assert "| target images |" in summary and "quarantined" in summary
     assert "| accuracy |" in summary and "| transfer gain (accuracy) | not measured |" in summary
     table = json.loads(found[PER_CLASS_KEY].data)

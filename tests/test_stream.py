@@ -190,7 +190,7 @@ params = load_params(sys.argv[1])
 keras.utils.set_random_seed(0)
 train, val = load_split(params.paths.clean, "target", "train"), load_split(params.paths.clean, "target", "val")
 model = build_model(params.model, params.data, len(train.classes), bn_inference=False)
-fit(model, train, val, phase="head", epochs=1, batch_size=64, learning_rate=0.001, patience=1)
+fit(model, train, val, phase="head", epochs=1, batch_size=64, learning_rate=0.001, patience=1, seed=0)
 scores = evaluate(model, train)
 print(json.dumps({"peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "images": len(train),
                   "split_bytes": train.nbytes, "accuracy": scores["accuracy"]}))
@@ -246,7 +246,8 @@ train, val = load_split(params.paths.clean, "target", "train"), load_split(param
 with data_parallel(True) as devices:
     keras.utils.set_random_seed(0)
     model = build_model(params.model, params.data, len(train.classes), bn_inference=False)
-    fitted = fit(model, train, val, phase="head", epochs=2, batch_size=8, learning_rate=0.001, patience=2)
+    fitted = fit(model, train, val, phase="head", epochs=2, batch_size=8, learning_rate=0.001, patience=2,
+                 seed=0)
     parallel = predict(model, val, batch_size=4)
     scores = evaluate(model, val, batch_size=4)
 single = predict(model, val, batch_size=4)  # the same weights on one device, no padding needed

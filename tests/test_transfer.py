@@ -1,4 +1,4 @@
-"""Stage `transfer`: which weights move, which are skipped and why, and what is frozen."""
+"""Stage `transfer`: which weights move, which are skipped and why (what trains is fine-tuning's choice)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import pytest
 
 from components import source, transfer
 from components.core.config import Params, with_overrides
-from components.core.errors import PipelineError
 from components.training.models import build_model, load_model_dir, save_model_dir, weighted_layers
 from tests.conftest import shrunk_params, write_clean_dataset
 
@@ -37,7 +36,7 @@ def _same(a: list[np.ndarray], b: list[np.ndarray]) -> bool:
     return all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
 
 
-def test_full_transfer_moves_the_backbone_and_gives_a_new_frozen_head(trained: Params) -> None:
+def test_full_transfer_moves_the_backbone_and_gives_a_new_head(trained: Params) -> None:
     result = transfer.run(trained)
 
     report = json.loads(trained.paths.transfer_report.read_text())
@@ -48,14 +47,13 @@ def test_full_transfer_moves_the_backbone_and_gives_a_new_frozen_head(trained: P
     assert all(_same(source_weights[path], target_weights[path]) for path in backbone)
     assert [item["layer"] for item in report["reinitialized"]] == ["head"]
     assert target_weights["head"][0].shape[-1] == 3  # the target task's classes, not the source's 4
-    assert set(report["frozen"]) == backbone
-    model, classes = load_model_dir(trained.paths.transferred_model)
+    assert "frozen" not in report and "frozen" not in str(result)  # trainability is fine-tuning's, per phase
+    _, classes = load_model_dir(trained.paths.transferred_model)
     assert classes == ("x", "y", "z")
-    assert not model.get_layer("backbone").trainable and model.get_layer("head").trainable
 
 
 def test_partial_transfer_by_pattern_reinitializes_the_rest(trained: Params) -> None:
-    params = with_overrides(trained, {"transfer.layers": ["backbone.block1_*"], "transfer.freeze": "none"})
+    params = with_overrides(trained, {"transfer.layers": ["backbone.block1_*"]})
     transfer.run(params)
 
     report = json.loads(params.paths.transfer_report.read_text())
@@ -63,9 +61,6 @@ def test_partial_transfer_by_pattern_reinitializes_the_rest(trained: Params) -> 
         "backbone.block1_conv1", "backbone.block1_bn1", "backbone.block1_conv2", "backbone.block1_bn2"}
     reinitialized = {item["layer"] for item in report["reinitialized"]}
     assert "backbone.block2_conv1" in reinitialized and "head" in reinitialized
-    assert report["frozen"] == []
-    model, _ = load_model_dir(params.paths.transferred_model)
-    assert model.get_layer("backbone").trainable
 
 
 def test_without_channel_adaptation_a_gray_source_skips_the_first_conv_with_its_reason(trained: Params) -> None:
@@ -143,40 +138,14 @@ def test_a_different_input_resolution_transfers_every_backbone_layer(trained: Pa
     assert model.predict(np.zeros((1, 24, 24, 1), dtype=np.uint8), verbose=0).shape == (1, 3)
 
 
-def test_freeze_until_a_named_block_and_the_readable_table(trained: Params) -> None:
-    params = with_overrides(trained, {"transfer.freeze": "until:block2", "transfer.layers": ["backbone.block[12]_*"]})
-    result = transfer.run(params)
+def test_the_readable_table_lists_every_weighted_layer_with_its_status(trained: Params) -> None:
+    params = with_overrides(trained, {"transfer.layers": ["backbone.block[12]_*"]})
+    transfer.run(params)
 
     report = json.loads(params.paths.transfer_report.read_text())
-    assert report["frozen"] == [f"backbone.block{b}_{kind}{n}" for b in (1, 2) for n in (1, 2) for kind in ("conv", "bn")]
-    assert result.frozen == 8
-    model, _ = load_model_dir(params.paths.transferred_model)
-    backbone = model.get_layer("backbone")
-    assert not backbone.get_layer("block2_bn2").trainable and backbone.get_layer("block3_conv1").trainable
     table = params.paths.transfer_table.read_text()
     rows = [line for line in table.splitlines() if line.startswith("| ") and line[2] not in "#-"]
     assert len(rows) == len(report["layers"]) == 13  # every weighted layer, head included
-    assert "| `backbone.block1_conv1` | transferred | backbone.block1_conv1 | yes |" in table
-    assert "| `backbone.block3_conv1` | reinitialized |  | no | not selected by transfer.layers |" in table
-
-
-@pytest.mark.parametrize(("policy", "frozen"), [("all", 12), ("none", 0), ("top:3", 9), ("top:99", 0)])
-def test_freeze_policies(trained: Params, policy: str, frozen: int) -> None:
-    model = build_model(trained.model, trained.data, 3, bn_inference=True)
-    names = transfer.apply_freeze(model, policy)
-
-    weighted = [layer for _, layer in weighted_layers(model.get_layer("backbone"))]
-    assert len(names) == frozen == sum(not layer.trainable for layer in weighted)
-    assert all(not layer.trainable for layer in weighted[:frozen]) and model.get_layer("head").trainable
-    assert model.get_layer("backbone").trainable == (frozen < len(weighted))
-
-
-def test_freeze_until_an_unknown_block_names_the_layers_there_are(trained: Params) -> None:
-    model = build_model(trained.model, trained.data, 3, bn_inference=True)
-    with pytest.raises(PipelineError, match="no backbone layer is named block9.*block1_conv1"):
-        transfer.apply_freeze(model, "until:block9")
-
-
-def test_freeze_syntax_is_checked_with_the_params(trained: Params) -> None:
-    with pytest.raises(PipelineError, match="transfer.freeze"):
-        with_overrides(trained, {"transfer.freeze": "backbone-ish"})
+    assert "| `backbone.block1_conv1` | transferred | backbone.block1_conv1 |  |" in table
+    assert "| `backbone.block3_conv1` | reinitialized |  | not selected by transfer.layers |" in table
+    assert "finetune.unfreeze_top" in table  # where to look for what trains

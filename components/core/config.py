@@ -44,6 +44,14 @@ Float = Annotated[float, _not_a_bool("a number"), Field(allow_inf_nan=False)]
 Bool = Annotated[bool, Strict()]
 SEED_LIMIT = 2**32  # numpy's and TensorFlow's seeds are 32-bit
 
+# Keys an older params.yaml may still set, and what replaced them: the error says so, not just "unknown".
+REMOVED = {
+    "transfer.freeze": "fine-tuning alone decides what trains: finetune.head_epochs (a first phase that trains "
+                       "the head on the frozen backbone) and finetune.unfreeze_top (the top N backbone layers "
+                       "trained in the second phase); remove the key",
+    "evaluate.compare_scratch": "the from-scratch baseline is its own stage now: set scratch.enabled instead",
+}
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -147,8 +155,6 @@ class TransferParams(_Section):
     layers: tuple[str, ...]
     match: Literal["name", "position"]
     adapt_channels: Bool
-    # all | none | until:<layer name prefix> | top:<N trainable>
-    freeze: str = Field(pattern=r"^(all|none|until:\S+|top:\d+)$")
 
 
 class FinetuneParams(_Section):
@@ -173,20 +179,14 @@ class FinetuneParams(_Section):
     min_steps_per_epoch: Int = Field(ge=0)
 
 
+class ScratchParams(_Section):
+    enabled: Bool
+
+
 class EvaluateParams(_Section):
     min_accuracy: Float = Field(ge=0, le=1)
     min_macro_f1: Float = Field(ge=0, le=1)
-    compare_scratch: Bool
     min_transfer_gain: Float | None = Field(ge=-1, le=1)
-
-    @model_validator(mode="after")
-    def _gain_needs_a_comparison(self) -> "EvaluateParams":
-        if self.min_transfer_gain is not None and not self.compare_scratch:
-            raise ValueError(
-                "evaluate.min_transfer_gain gates a comparison that evaluate.compare_scratch: false never makes: "
-                "set compare_scratch: true, or min_transfer_gain: null"
-            )
-        return self
 
 
 class ExportParams(_Section):
@@ -233,6 +233,7 @@ class Paths(_Section):
     confusion_png: Path
     export_report: Path
     transfer_gain: Path
+    scratch_report: Path
     production: Path
     releases: Path
     promotion_report: Path
@@ -253,6 +254,7 @@ class Params(_Section):
     source: SourceParams
     transfer: TransferParams
     finetune: FinetuneParams
+    scratch: ScratchParams
     evaluate: EvaluateParams
     export: ExportParams
     promote: PromoteParams
@@ -261,6 +263,15 @@ class Params(_Section):
     @property
     def validation(self) -> ValidateParams:
         return self.validate_
+
+    @model_validator(mode="after")
+    def _gain_needs_a_comparison(self) -> "Params":
+        if self.evaluate.min_transfer_gain is not None and not self.scratch.enabled:
+            raise ValueError(
+                "evaluate.min_transfer_gain gates a comparison that scratch.enabled: false never makes: "
+                "set scratch.enabled: true, or evaluate.min_transfer_gain: null"
+            )
+        return self
 
     def resolve(self, root: Path) -> "Params":
         """The same params with every path setting taken from `root` (the params file's folder) when relative."""
@@ -285,7 +296,9 @@ def _describe(error: ValidationError, source: Path) -> str:
     for item in error.errors():
         key = ".".join(str(part) for part in item["loc"]) or "(top level)"
         key = key.replace("validate_", "validate")
-        if item["type"] == "extra_forbidden":
+        if item["type"] == "extra_forbidden" and key in REMOVED:
+            lines.append(f"  - '{key}' was removed: {REMOVED[key]}")
+        elif item["type"] == "extra_forbidden":
             lines.append(f"  - unknown key '{key}': remove it or fix its spelling")
         elif item["type"] == "missing":
             lines.append(f"  - missing key '{key}': add it (components/core/defaults.yaml lists every key)")
@@ -354,7 +367,8 @@ def set_dotted(raw: dict, overrides: dict[str, object]) -> dict:
         for part in parents:
             section = section.get(part) if isinstance(section, dict) else None
         if not isinstance(section, dict) or leaf not in section:
-            raise PipelineError(f"unknown key '{dotted}'")
+            raise PipelineError(f"'{dotted}' was removed: {REMOVED[dotted]}" if dotted in REMOVED
+                                else f"unknown key '{dotted}'")
         section[leaf] = value
     return raw
 

@@ -165,8 +165,6 @@ class TransferReport(Report):
     transferred: list[dict[str, Any]]
     skipped: list[dict[str, Any]]
     reinitialized: list[dict[str, Any]]
-    frozen: list[str]
-    freeze: str
     match: str
     patterns: list[str]
 
@@ -185,6 +183,8 @@ class FinetuneReport(Report):
     val_loss: float
     val_accuracy: float
     phases: dict[str, dict[str, Any]]  # the trainer's FitResult per phase (head, unfrozen)
+    trainable: dict[str, list[str]] = {}  # per phase that ran, the weighted layers it trained
+    workers: int = 1  # processes that trained together (components.training.distributed)
 
 
 class ClassMetrics(Report):
@@ -226,6 +226,16 @@ class ScoresReport(Report):
     accuracy: float
     macro_f1: float
     gates_passed: bool
+
+
+class ScratchReport(Report):
+    """The from-scratch baseline (stage scratch); trained false when scratch.enabled is off."""
+    STAGE: ClassVar[str] = "scratch"
+    trained: bool
+    reason: str | None = None
+    test_accuracy: float | None = None
+    train_images: int | None = None
+    fit: dict[str, Any] | None = None  # the trainer's FitResult
 
 
 class TransferGainReport(Report):

@@ -303,25 +303,31 @@ def transfer_section(params: Params) -> str:
     if report is None:
         return missing(params.paths.transfer_report)
     layers = report.layers
-    frozen = set(report.frozen)
     counts: dict[str, int] = {}
     for layer in layers:
         counts[layer.get("status", "?")] = counts.get(layer.get("status", "?"), 0) + 1
     summary = ", ".join(f"{n} {status}" for status, n in counts.items())
-    rows = [[layer.get("layer"), layer.get("status"), layer.get("source") or "", "frozen" if layer.get("layer") in frozen
-             else "trainable", layer.get("reason") or ""] for layer in layers]
+    # What trained is fine-tuning's record: the layers each phase trained.
+    trainable = finetune.trainable if (finetune := read_report(params.paths.finetune_report, FinetuneReport)) else {}
+    phases_of: dict[str, list[str]] = {}
+    for phase, paths in trainable.items():
+        for path in paths:
+            phases_of.setdefault(path, []).append(phase)
+    rows = [[layer.get("layer"), layer.get("status"), layer.get("source") or "",
+             ", ".join(phases_of.get(layer.get("layer"), [])) or "none (frozen)", layer.get("reason") or ""]
+            for layer in layers]
+    trained = "; ".join(f"{len(paths)} in the {phase} phase" for phase, paths in trainable.items()) or "none"
     gain = read_report(params.paths.transfer_gain, TransferGainReport)
     if gain is not None and gain.compared:
         gain_html = (f"<p>Transfer gain against training from scratch (same budget and recipe): test accuracy "
                      f"{fmt(gain.transfer_accuracy)} vs {fmt(gain.scratch_accuracy)}, gain "
                      f"<b>{fmt(gain.accuracy_gain)}</b>.</p>")
     else:
-        gain_html = ("<p class=muted>Transfer gain not measured (set <code>evaluate.compare_scratch: true</code> to "
+        gain_html = ("<p class=muted>Transfer gain not measured (set <code>scratch.enabled: true</code> to "
                      "train a from-scratch baseline and compare).</p>")
-    return (f"<p>{len(layers)} weighted layers: {esc(summary)}; {len(frozen)} frozen after transfer "
-            f"(<code>transfer.freeze: {esc(params.transfer.freeze)}</code>).</p>{gain_html}"
+    return (f"<p>{len(layers)} weighted layers: {esc(summary)}; trained in fine-tuning: {esc(trained)}.</p>{gain_html}"
             + f"<details{' open' if len(layers) <= 40 else ''}><summary>every layer</summary>"
-            + table(["layer", "status", "source layer", "after transfer", "reason"], rows) + "</details>")
+            + table(["layer", "status", "source layer", "trained in phase", "reason"], rows) + "</details>")
 
 
 # ---------- evaluation and errors ----------

@@ -1,1 +1,1 @@
-"""Training libraries: model building and the backbone registry, the fit loop, weight downloads, the baseline."""
+"""Training libraries: model building and backbones, the fit loop, what trains per phase, weight downloads, the baseline."""

@@ -1,7 +1,7 @@
 """The from-scratch baseline: the target model trained from random weights with fine-tuning's budget and recipe.
 
 Transfer learning promises better accuracy from fewer labels and less time; this is what it is
-measured against (evaluate.compare_scratch), never assumed.
+measured against (the `scratch` stage, scratch.enabled), never assumed.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class ScratchResult:
     test_accuracy: float
+    train_images: int
     fit: FitResult
 
 
@@ -39,4 +40,4 @@ def train_scratch(params: Params) -> ScratchResult:
     log.info("training a from-scratch baseline on %d images for up to %d epochs", len(train), epochs)
     result = fit(model, train, val, phase="scratch", epochs=epochs, batch_size=cfg.batch_size,
                  learning_rate=cfg.head_learning_rate, patience=cfg.patience, recipe=recipe(cfg), seed=params.seed)
-    return ScratchResult(accuracy(model, test), result)
+    return ScratchResult(accuracy(model, test), len(train), result)

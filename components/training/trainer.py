@@ -99,6 +99,8 @@ class Checkpoint:
     with a warning saying which setting differs. `context`/`context_arrays` carry the caller's own
     state (e.g. the results of phases already finished) through every save. `writer` false (the other
     processes of a multi-worker run): it reads the chief's checkpoint to resume from, and never writes.
+    Not keras.callbacks.BackupAndRestore: that restores weights, optimizer and epoch, but neither the
+    early-stopping counters and best weights so far nor the inputs a checkpoint was written for.
     """
 
     def __init__(self, directory: Path, fingerprint: str, settings: dict[str, str] | None = None,
@@ -338,7 +340,12 @@ def lr_schedule(base: float, recipe: Recipe, epochs: int, steps_per_epoch: int) 
 
 
 def class_weights(labels: np.ndarray, num_classes: int) -> dict[int, float]:
-    """Balanced weights (n / (k * count)): a rare class counts as much in the loss as a common one."""
+    """Balanced weights (n / (k * count)): a rare class counts as much in the loss as a common one.
+
+    scikit-learn's compute_class_weight("balanced") gives the same numbers (a test compares them); it is
+    not called here because the fine-tune stage runs on GPU hosts that carry Keras and a few small
+    packages only (scripts/gpu_check.py), and it refuses a class absent from the labels (weight 0 here).
+    """
     counts = np.bincount(labels, minlength=num_classes).astype(float)
     return {k: float(len(labels) / (num_classes * c)) if c else 0.0 for k, c in enumerate(counts)}
 
@@ -390,13 +397,14 @@ def fit(
     curves: Curves | None = None,
     recipe: Recipe | None = None,
     checkpoint: Checkpoint | None = None,
-    seed: int = 0,
+    seed: int,
 ) -> FitResult:
     """Train with Adam and early stopping on validation loss; the model ends at its best epoch.
 
     Validation loss, not accuracy: on small validation sets accuracy ties early (1.0 for epochs on
     end) while the loss still tells better weights from worse. With a `checkpoint`, every epoch
-    ends with a save, and a checkpoint of this phase found at the start is resumed.
+    ends with a save, and a checkpoint of this phase found at the start is resumed. `seed` (no
+    default: every caller passes params.seed) fixes the batch order, augmentation and dropout.
     """
     recipe = recipe or Recipe()
     weights = class_weights(train.y, len(train.classes)) if recipe.class_weight else None
