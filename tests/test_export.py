@@ -150,7 +150,7 @@ def test_summary_reports_every_stage_and_a_real_image_to_try(exported: tuple[Par
         "transferred": [{"layer": f"backbone.{name}", "source": f"backbone.{name}", "weights": 72} for name in ("a", "b")],
         "skipped": [{"layer": "backbone.c", "reason": "shape (3, 3, 1, 8) != (3, 3, 3, 8)"}],
         "reinitialized": [{"layer": "head", "reason": "not selected by transfer.layers"}],
-        "frozen": [], "freeze": "none", "match": "name", "patterns": ["backbone.*"],
+        "match": "name", "patterns": ["backbone.*"],
     }
     write_json(paths.transfer_report, transfer)
     per_task = {"input": 10, "kept": 8, "quarantined": 1, "held_back": 1, "splits": {"train": 5}, "split_shares": {},
