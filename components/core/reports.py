@@ -151,6 +151,7 @@ class SourceReport(Report):
     train_images: int | None = None
     seconds: float | None = None
     images_per_second: float | None = None
+    workers: int | None = None  # processes that trained together (components.training.distributed)
     # mode download
     weights: str | None = None
     backbone: str | None = None
