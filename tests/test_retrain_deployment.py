@@ -139,7 +139,7 @@ def prefect(tmp_path_factory: pytest.TempPathFactory, repo: Path) -> Iterator[di
             time.sleep(1)
         cli = [str(BIN / "prefect")]
         _run([*cli, "work-pool", "create", POOL, "--type", "process"], repo, _env(home, api))
-        deployed = _run([*cli, "deploy", "--all"], repo, _env(home, api))
+        deployed = _run([*cli, "deploy", "--name", "retrain"], repo, _env(home, api))
         start([*cli, "worker", "start", "--pool", POOL], "worker")
         with temporary_settings(updates={PREFECT_API_URL: api, PREFECT_HOME: home}):
             yield {"api": api, "home": home, "logs": logs, "deploy_output": deployed.stdout}
