@@ -30,7 +30,7 @@ import yaml
 
 from components.core.artifacts import sweep_temporaries, temp_dir, write_json, write_text
 from components.core.config import Params
-from components.data.dataset import Split, load_split
+from components.data.dataset import PREDICT_BATCH, Split, load_split
 from components.core.errors import PipelineError
 from components.core.metrics import compute_metrics
 from components.data.images import sha256_file
@@ -63,7 +63,7 @@ class PromotionResult:
 def score(model_path: Path, test: Split) -> dict[str, Any]:
     """The model's metrics on the split through onnxruntime (what serving runs), plus its sha256 and labels."""
     model = OnnxModel(model_path)
-    probabilities = np.concatenate([model.session.run(None, {model.input_name: x})[0] for x, _ in test.batches(256)])
+    probabilities = np.concatenate([model.session.run(None, {model.input_name: x})[0] for x, _ in test.batches(PREDICT_BATCH)])
     metrics = compute_metrics(test.y, probabilities.argmax(axis=1), test.classes)
     return {
         "path": str(model_path),
