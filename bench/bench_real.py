@@ -156,6 +156,7 @@ def measure(size: int, args: argparse.Namespace) -> dict:
         "dvc_seconds": round(whole - sum(run["seconds"] for run in runs), 2),
         "dvc_ingest_seconds": round(first.seconds - stages["ingest"]["seconds"], 2),
         "noop_seconds": round(noop.seconds, 2),
+        "noop_cpu_seconds": round(noop.cpu_seconds, 2),  # the load of other processes moves it less
         "noop_ingest_seconds": sum(run["seconds"] for run in read_meter(repo, "noop")),
         "raw_bytes_files": tree(repo / "data" / "raw"),
         "clean_bytes_files": tree(repo / "data" / "clean"),
@@ -270,15 +271,17 @@ def markdown(everything: list[dict], args: argparse.Namespace) -> str:
             s = r["stages"].get(name)
             if s:
                 rows.append([n, name, s["seconds"], round(1000 * s["seconds"] / n, 2), s["peak_rss_mib"],
+                             s.get("rss_anon_mib", "-"), s.get("rss_file_mib", "-"),
                              s["children_peak_rss_mib"], s["cpu_seconds"], round(1000 * s["cpu_seconds"] / n, 2)])
         rows.append([n, "**whole dvc repro**" + (" (ingest, validate, clean)" if r["data_only"] else ""), r["whole_seconds"], round(1000 * r["whole_seconds"] / n, 2),
-                     r["whole_peak_rss_mib"], "", "", ""])
+                     r["whole_peak_rss_mib"], "", "", "", "", ""])
         rows.append([n, "DVC's own (whole - stages)", r["dvc_seconds"], round(1000 * r["dvc_seconds"] / n, 2), "", "",
-                     "", ""])
+                     "", "", "", ""])
         rows.append([n, "no-op dvc repro (ingest's check of the folders inside)", r["noop_seconds"],
-                     f"ingest {r['noop_ingest_seconds']:.2f} s", "", "", "", ""])
+                     f"ingest {r['noop_ingest_seconds']:.2f} s", "", "", "", "", r.get("noop_cpu_seconds", ""), ""])
     out += ["#### Stages", "", harness.table(["images", "stage", "seconds", "ms/image", "peak RSS MiB",
-                                               "workers' peak MiB", "CPU s", "CPU ms/image"], rows), ""]
+                                               "RssAnon peak MiB", "RssFile peak MiB", "workers' peak MiB", "CPU s",
+                                               "CPU ms/image"], rows), ""]
     rows = [[r["images"], round(r["input_bytes_files"][0] / 2**20, 1), r["raw_bytes_files"][1],
              round(r["raw_bytes_files"][0] / 2**20, 1), r["stages"]["ingest"]["seconds"], r["dvc_ingest_seconds"],
              r["clean_bytes_files"][1], round(r["clean_bytes_files"][0] / 2**20, 1)] for r in results]

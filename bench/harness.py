@@ -129,6 +129,7 @@ class Timed:
     peak_rss_mib: float  # the largest single process of the tree (ru_maxrss of the waited child)
     load: tuple[float, float, float]  # 1, 5, 15 min load averages at the end
     stdout: str
+    cpu_seconds: float = 0.0  # user + system time of the whole process tree (wait4)
 
 
 def timed(command: Sequence[str], cwd: Path, extra_env: dict[str, str] | None = None,
@@ -147,7 +148,7 @@ def timed(command: Sequence[str], cwd: Path, extra_env: dict[str, str] | None = 
         text = out.read()
     if check and process.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed ({process.returncode}) in {cwd}:\n{text[-4000:]}")
-    return Timed(seconds, usage.ru_maxrss / 1024, os.getloadavg(), text)
+    return Timed(seconds, usage.ru_maxrss / 1024, os.getloadavg(), text, usage.ru_utime + usage.ru_stime)
 
 
 def median(values: Sequence[float]) -> float:
