@@ -3,6 +3,7 @@ formats, and `fit` throughput of the streaming feed against `fit` on an in-memor
 
     .venv/bin/python bench/bench_data_format.py formats [--images 2000] [--size 160]
     .venv/bin/python bench/bench_data_format.py fit --backend tensorflow|jax [--images 1024] [--size 96]
+    .venv/bin/python bench/bench_data_format.py fit --split DATA_CLEAN/target/train   # a pipeline's own split
 
 Images: random crops (random position and scale) of the photographs scikit-learn and matplotlib
 ship (china.jpg, flower.jpg, grace_hopper.jpg), resized to --size px RGB: real photo statistics,
@@ -19,7 +20,10 @@ the second epoch of a split that fits in RAM; cold reads are disk-bound for ever
 fit: one process per backend; the same model (the project's default backbone, width from
 params.yaml) and batch 32, 2 epochs each after a 1-epoch warm-up: `fit` on the feed
 (components.data.stream.TrainFeed over shards) and `fit` on the same images as one in-memory
-numpy array (shuffle=True). Images/s of the timed epochs, and the ratio feed / in-memory.
+numpy array (shuffle=True). Images/s of the timed epochs, and the ratio feed / in-memory; also per
+CPU second of the process (all its threads), which the load of other processes on the machine
+moves much less than wall time. With --split, the images are a split clean wrote (its size and
+classes), e.g. the target training split of bench/bench_real.py's repository at 10k images.
 """
 
 from __future__ import annotations
@@ -147,7 +151,7 @@ def formats(images: int, size: int) -> dict:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def fit(images: int, size: int, epochs: int = 2, batch: int = 32) -> dict:
+def fit(images: int, size: int, epochs: int = 2, batch: int = 32, split_dir: Path | None = None) -> dict:
     import keras
 
     from components.core.config import load_params
@@ -160,12 +164,17 @@ def fit(images: int, size: int, epochs: int = 2, batch: int = 32) -> dict:
     data = params.data.model_copy(update={"image_size": size, "color_mode": "rgb"})
     root = Path(tempfile.mkdtemp(prefix="tlpipe-fit-"))
     try:
-        classes = ["china", "flower", "hopper"]
-        with SplitWriter(root / "train", classes, (size, size, 3), images) as writer:
-            for i, (pixels, label) in enumerate(crops(images, size)):
-                writer.add(pixels, classes[label], f"{i}.png", str(i))
-        (root / "classes.json").write_text(json.dumps(classes))
-        split = load_split(root.parent, root.name, "train")
+        if split_dir is None:
+            classes = ["china", "flower", "hopper"]
+            with SplitWriter(root / "train", classes, (size, size, 3), images) as writer:
+                for i, (pixels, label) in enumerate(crops(images, size)):
+                    writer.add(pixels, classes[label], f"{i}.png", str(i))
+            (root / "classes.json").write_text(json.dumps(classes))
+            split = load_split(root.parent, root.name, "train")
+        else:
+            split = load_split(split_dir.parent.parent, split_dir.parent.name, split_dir.name)
+            classes, images, size = list(split.classes), len(split), split.shape[0]
+            data = params.data.model_copy(update={"image_size": size, "color_mode": "rgb"})
         x = split.images(np.arange(len(split)))  # the in-memory side holds it all, by design
         y = np.eye(len(classes), dtype="float32")[split.y]
 
@@ -174,9 +183,10 @@ def fit(images: int, size: int, epochs: int = 2, batch: int = 32) -> dict:
             model = build_model(params.model, data, len(classes), bn_inference=False)
             compile_model(model, 0.001)
             run(model, 1)  # warm-up epoch: tracing and compilation
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             run(model, epochs)
-            return round(epochs * len(split) / (time.perf_counter() - start), 1)
+            wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+            return {"wall": round(epochs * len(split) / wall, 1), "cpu": round(epochs * len(split) / cpu, 1)}
 
         feed = TrainFeed(split, batch, seed=0)
 
@@ -190,10 +200,13 @@ def fit(images: int, size: int, epochs: int = 2, batch: int = 32) -> dict:
         for name, run in (("in_memory", in_memory), ("feed", on_feed), ("in_memory_again", in_memory),
                           ("feed_again", on_feed)):  # alternated: load on the machine drifts
             results[name] = timed_fit(run)
-        feed_rate = (results["feed"] + results["feed_again"]) / 2
-        memory_rate = (results["in_memory"] + results["in_memory_again"]) / 2
+        ratios = {}
+        for clock in ("wall", "cpu"):
+            feed_rate = (results["feed"][clock] + results["feed_again"][clock]) / 2
+            memory_rate = (results["in_memory"][clock] + results["in_memory_again"][clock]) / 2
+            ratios[clock] = round(feed_rate / memory_rate, 3)
         return {"backend": keras.backend.backend(), "images": images, "size": size, "batch": batch,
-                "images_per_second": results, "feed_over_in_memory": round(feed_rate / memory_rate, 3)}
+                "images_per_second": results, "feed_over_in_memory": ratios}
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -204,12 +217,13 @@ def main() -> None:
     parser.add_argument("--images", type=int)
     parser.add_argument("--size", type=int)
     parser.add_argument("--backend", default=os.environ.get("KERAS_BACKEND", "tensorflow"))
+    parser.add_argument("--split", type=Path, help="fit: a split folder clean wrote (<clean>/<task>/<split>)")
     args = parser.parse_args()
     if args.what == "formats":
         result = formats(args.images or 2000, args.size or 160)
     else:
         os.environ["KERAS_BACKEND"] = args.backend
-        result = fit(args.images or 1024, args.size or 96)
+        result = fit(args.images or 1024, args.size or 96, split_dir=args.split)
     result.update(machine=f"{os.cpu_count()} cores", load=os.getloadavg(),
                   date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
     print(json.dumps(result, indent=1))

@@ -93,12 +93,25 @@ def make_repo(dest: Path, overrides: dict[str, object] | None = None, ref: str |
                 shutil.copytree(REPO / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
             else:
                 shutil.copy(REPO / name, dest / name)
-    raw = yaml.safe_load((dest / "params.yaml").read_text())
-    from components.core.config import set_dotted  # the checkout's, also when a --side process runs an older copy
-
-    (dest / "params.yaml").write_text(yaml.safe_dump(set_dotted(raw, overrides or {}), sort_keys=False))
+    (dest / "params.yaml").write_text(yaml.safe_dump(with_keys(dest / "params.yaml", overrides or {}), sort_keys=False))
     init_repo(dest)
     return dest
+
+
+def with_keys(params_yaml: Path, overrides: dict[str, object]) -> dict:
+    """params.yaml's mapping with dotted keys set, sections made as needed: params.yaml holds only what
+    the demo changes, so most keys live in the shipped defaults alone (each key is checked there)."""
+    from components.core.config import effective_raw, set_dotted  # the checkout's
+
+    set_dotted(effective_raw(params_yaml), overrides)  # an unknown key stops here
+    raw = yaml.safe_load(params_yaml.read_text()) or {}
+    for dotted, value in overrides.items():
+        *parents, leaf = dotted.split(".")
+        section = raw
+        for part in parents:
+            section = section.setdefault(part, {})
+        section[leaf] = value
+    return raw
 
 
 def init_repo(root: Path) -> None:
@@ -116,6 +129,7 @@ class Timed:
     peak_rss_mib: float  # the largest single process of the tree (ru_maxrss of the waited child)
     load: tuple[float, float, float]  # 1, 5, 15 min load averages at the end
     stdout: str
+    cpu_seconds: float = 0.0  # user + system time of the whole process tree (wait4)
 
 
 def timed(command: Sequence[str], cwd: Path, extra_env: dict[str, str] | None = None,
@@ -134,7 +148,7 @@ def timed(command: Sequence[str], cwd: Path, extra_env: dict[str, str] | None = 
         text = out.read()
     if check and process.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed ({process.returncode}) in {cwd}:\n{text[-4000:]}")
-    return Timed(seconds, usage.ru_maxrss / 1024, os.getloadavg(), text)
+    return Timed(seconds, usage.ru_maxrss / 1024, os.getloadavg(), text, usage.ru_utime + usage.ru_stime)
 
 
 def median(values: Sequence[float]) -> float:

@@ -22,8 +22,8 @@ checkpoints, no curves, no gates, no ONNX export):
   backbone layers unfrozen. A split smaller than `min_steps_per_epoch` batches is repeated, as
   the pipeline does, so both train the same number of steps.
 
-Hyperparameters are read from params.yaml (plain yaml, no tlpipe code) so both sides always
-train the same recipe. Prints the test accuracy and per-phase seconds; `--json` prints JSON.
+Hyperparameters are read from params.yaml over the shipped defaults (components/core/defaults.yaml
+beside it; plain yaml, no tlpipe code) so both sides always train the same recipe. Prints the test accuracy and per-phase seconds; `--json` prints JSON.
 """
 
 from __future__ import annotations
@@ -43,6 +43,21 @@ import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 
 IMPORTED = time.perf_counter()
+
+
+def merged(defaults: dict, over: dict) -> dict:
+    """`over` on top of `defaults`, section by section (params.yaml holds only what it changes)."""
+    out = dict(defaults)
+    for key, value in over.items():
+        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def read_params(path: Path) -> dict:
+    defaults = path.resolve().parent / "components" / "core" / "defaults.yaml"
+    if not defaults.is_file():  # a params.yaml outside a tlpipe checkout: this checkout's defaults
+        defaults = Path(__file__).resolve().parents[1] / "components" / "core" / "defaults.yaml"
+    return merged(yaml.safe_load(defaults.read_text()), yaml.safe_load(path.read_text()) or {})
 
 
 def digits(cfg: dict, seed: int) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
@@ -185,7 +200,7 @@ def main() -> None:
     parser.add_argument("--folders", type=Path, help="image folders FOLDERS/{source,target}/<class>/* instead")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    cfg = yaml.safe_load(args.params.read_text())
+    cfg = read_params(args.params)
     seed, side, src, ft = cfg["seed"], cfg["data"]["image_size"], cfg["source"], cfg["finetune"]
     keras.utils.set_random_seed(seed)
     if args.folders:

@@ -11,6 +11,7 @@ import json
 import logging
 import multiprocessing
 import re
+import sys
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from multiprocessing.pool import Pool
@@ -54,6 +55,13 @@ class _Task:
     held_back: list[dict[str, str]]
 
 
+# The manifest columns clean reads. It holds a row per image for the whole stage, so only these are
+# kept, and the values many rows share are one string each (measured at 40,000 images: the rows were
+# the stage's growth with the data, docs/benchmarks-real.md).
+USED_COLUMNS = ("task", "path", "label", "width", "height", "sha256", "error", "dhash")
+_SHARED = ("task", "label", "width", "height")
+
+
 def _read_manifest(params: Params) -> list[dict[str, str]]:
     path = params.paths.manifest
     if not path.is_file():
@@ -63,7 +71,8 @@ def _read_manifest(params: Params) -> list[dict[str, str]]:
         missing = set(MANIFEST_COLUMNS) - set(reader.fieldnames or [])
         if missing:
             raise PipelineError(f"{path} lacks columns {sorted(missing)}; rerun `tlpipe stage validate`")
-        rows = list(reader)
+        rows = [{name: sys.intern(row[name]) if name in _SHARED else row[name] for name in USED_COLUMNS}
+                for row in reader]
     for task in TASKS:
         on_disk = {f"{task}/{rel}" for rel, _ in list_class_images(params.paths.raw / task, every_file=True)}
         listed = {r["path"] for r in rows if r["task"] == task and r["sha256"]}  # "": ingest could not copy it

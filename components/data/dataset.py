@@ -1,4 +1,4 @@
-"""The cleaned dataset on disk: each split is uint8 array shards read by memory map, plus an index.
+"""The cleaned dataset on disk: each split is uint8 array shards read by positional reads, plus an index.
 
 Layout (written by the clean stage, docs/data-format.md says why this format):
 
@@ -7,7 +7,7 @@ Layout (written by the clean stage, docs/data-format.md says why this format):
     <clean>/<task>/<split>/index.csv           one row per image: source path, label, source sha256, shard, row
     <clean>/<task>/<split>/shard-00000.npy     an (n, H, W, C) uint8 .npy array, up to SHARD_BYTES
 
-The images are already resized, so reading is a memory-mapped slice: no decode, no TensorFlow.
+The images are already resized, so reading is a copy of the rows asked for: no decode, no TensorFlow.
 Nothing here loads a split whole; `Split` carries labels, paths and the open shards, and hands out
 images by index or batch. Checks on open catch a missing, truncated or foreign shard and an index
 that disagrees with its shards, and name the file and the fix (rerun clean).
@@ -33,8 +33,13 @@ FORMAT = "tlpipe-uint8-shards/1"
 META_FILE = "split.json"
 INDEX_FILE = "index.csv"
 INDEX_COLUMNS = ("path", "label", "sha256", "shard", "row")
-SHARD_BYTES = 256 * 2**20  # a few hundred MB: few files for DVC to hash, each one mmap
+SHARD_BYTES = 256 * 2**20  # a few hundred MB: few files for DVC to hash
 RERUN = "rerun the clean stage (`dvc repro clean` or `tlpipe stage clean`)"
+# Images per prediction batch over a split (evaluation, validation, promotion scoring): Keras's own
+# `predict` default. A batch's activations, not the split, set inference memory: 256 images of 96 px
+# through simple_cnn held 1 GB more at the peak than 32 (docs/benchmarks-real.md), and at 224 px with
+# a bigger backbone it would be several GB. Training's batch (32 by default) needs more than this.
+PREDICT_BATCH = 32
 
 
 def shard_name(number: int) -> str:

@@ -24,7 +24,7 @@ import threading
 import keras
 import numpy as np
 
-from components.data.dataset import Split
+from components.data.dataset import PREDICT_BATCH, Split
 
 
 
@@ -118,7 +118,7 @@ class _InOrder(keras.utils.PyDataset):
         return (self.split.images(positions),)
 
 
-def predict(model: keras.Model, split: Split, batch_size: int = 256) -> np.ndarray:
+def predict(model: keras.Model, split: Split, batch_size: int = PREDICT_BATCH) -> np.ndarray:
     """The model's outputs for every image of the split, in split order (never the split in memory)."""
     outputs = model.predict(_InOrder(split, batch_size, replicas()), verbose=0)
     return np.asarray(outputs)[: len(split)]

@@ -14,12 +14,11 @@ import numpy as np
 import onnxruntime as ort
 
 from components.core.errors import PipelineError
-from components.data.dataset import Split
+from components.data.dataset import PREDICT_BATCH, Split
 
 # CPU only: the exported model is meant for any machine, and the numbers it is gated on must be
 # the ones a CPU server gets (a CUDA build of onnxruntime would otherwise pick the GPU).
 PROVIDERS = ["CPUExecutionProvider"]
-BATCH_SIZE = 64  # images per call over a split: bounded memory at any image size
 
 
 def session(model: bytes | Path, *, optimized_to: Path | None = None) -> ort.InferenceSession:
@@ -51,6 +50,6 @@ def run(model: ort.InferenceSession, images: np.ndarray) -> np.ndarray:
     return model.run(None, {model.get_inputs()[0].name: images})[0]
 
 
-def predict_split(model: ort.InferenceSession, split: Split, batch_size: int = BATCH_SIZE) -> np.ndarray:
+def predict_split(model: ort.InferenceSession, split: Split, batch_size: int = PREDICT_BATCH) -> np.ndarray:
     """Outputs for every image of the split, in its order, read batch by batch from its shards."""
     return np.concatenate([run(model, x) for x, _ in split.batches(batch_size)])

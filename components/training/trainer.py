@@ -25,7 +25,7 @@ import numpy as np
 
 from components.core.artifacts import atomic_dir, write_text
 from components.core.config import FinetuneParams
-from components.data.dataset import Split
+from components.data.dataset import PREDICT_BATCH, Split
 from components.data.stream import TrainFeed, predict, replicas
 from components.training.distributed import process, process_local
 
@@ -459,7 +459,7 @@ def fit(
     )
 
 
-def evaluate(model: keras.Model, split: Split, batch_size: int = 256, label_smoothing: float = 0.0) -> dict[str, float]:
+def evaluate(model: keras.Model, split: Split, batch_size: int = PREDICT_BATCH, label_smoothing: float = 0.0) -> dict[str, float]:
     """Loss and accuracy as training measures them (cross-entropy on one-hot labels, `label_smoothing`
     as the compiled loss has it: validation during `fit` uses the recipe's, comparisons none).
 
@@ -477,7 +477,7 @@ def evaluate(model: keras.Model, split: Split, batch_size: int = 256, label_smoo
     return {"loss": float(loss.mean()), "accuracy": float((probabilities.argmax(axis=1) == split.y).mean())}
 
 
-def accuracy(model: keras.Model, split: Split, batch_size: int = 256) -> float:
+def accuracy(model: keras.Model, split: Split, batch_size: int = PREDICT_BATCH) -> float:
     return evaluate(model, split, batch_size)["accuracy"]
 
 
