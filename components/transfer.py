@@ -4,6 +4,8 @@ Weights move layer by layer (matched by path or by position), only where every s
 one exception is the first convolution when the channel counts differ (gray <-> RGB), whose
 kernel is adapted so a gray image gives the same response. Everything else is skipped with a
 reason and keeps its fresh initialization; reports/transfer.json and a markdown table say which.
+The report's `probe` says, in seconds, how well the transferred features separate the target's
+classes before any fine-tuning: a linear and a k-NN probe fitted on the train split, scored on val.
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ import numpy as np
 
 from components.core.artifacts import write_json, write_text
 from components.core.config import Params
-from components.data.dataset import class_names
+from components.data.dataset import class_names, load_split
 from components.core.errors import PipelineError
 from components.training.models import BACKBONE_NAME, build_model, load_model_dir, save_model_dir, weighted_layers
+from components.training.probe import probe
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +180,10 @@ def run(params: Params) -> TransferResult:
         log.warning("no layer was transferred: the target model starts from scratch (check transfer.layers)")
     report["frozen"] = apply_freeze(target, cfg.freeze)
     report.update(freeze=cfg.freeze, match=cfg.match, patterns=list(cfg.layers))
+    report["probe"] = probe(target, *(load_split(params.paths.clean, "target", name) for name in ("train", "val")))
+    log.info("probes of the transferred features on target val: linear %.4f, %d-NN %.4f (chance %.4f)",
+             report["probe"]["linear_probe_accuracy"], report["probe"]["knn_k"], report["probe"]["knn_accuracy"],
+             report["probe"]["chance"])
     save_model_dir(target, classes, params.paths.transferred_model)
     write_json(params.paths.transfer_report, report)
     write_text(params.paths.transfer_table, _table(report, params))

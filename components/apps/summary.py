@@ -69,7 +69,12 @@ def _transfer(params: Params) -> list[str]:
     if report is None:
         return []
     counts = ", ".join(f"{len(report.get(key) or [])} {key}" for key in ("transferred", "skipped", "reinitialized"))
-    return [f"transfer: {counts} layers"]
+    lines = [f"transfer: {counts} layers"]
+    found = report.get("probe")
+    if isinstance(found, dict) and {"linear_probe_accuracy", "knn_accuracy", "chance"} <= found.keys():
+        lines.append(f"probes of the transferred features (target val): linear {_number(found['linear_probe_accuracy'])}, "
+                     f"k-NN {_number(found['knn_accuracy'])} (chance {_number(found['chance'])})")
+    return lines
 
 
 def _quarantine(params: Params) -> list[str]:
@@ -138,6 +143,23 @@ def _weak_source(params: Params) -> list[str]:
     return []
 
 
+# A probe is "near chance" below a quarter of the way from chance to perfect (0.4 for 5 classes).
+PROBE_NEAR_CHANCE = 0.25
+
+
+def _weak_probe(params: Params) -> list[str]:
+    report, _ = _read(params.paths.transfer_report, "transfer")
+    found = (report or {}).get("probe")
+    if not isinstance(found, dict):
+        return []
+    best, chance = max(found.get("linear_probe_accuracy", 0.0), found.get("knn_accuracy", 0.0)), found.get("chance", 0.0)
+    if best < chance + PROBE_NEAR_CHANCE * (1 - chance):
+        return [f"the transferred features are near chance on the target: linear probe "
+                f"{found.get('linear_probe_accuracy'):.4f}, k-NN {found.get('knn_accuracy'):.4f}, chance {chance:.4f}; "
+                "the source may not be worth transferring (another source.mode, or compare evaluate.compare_scratch)"]
+    return []
+
+
 def _stage_warnings(params: Params) -> list[str]:
     """Every warning the stages logged in their last run, in graph order."""
     try:
@@ -153,7 +175,7 @@ def _stage_warnings(params: Params) -> list[str]:
 
 def warnings(params: Params) -> list[str]:
     """Every warning of the run: those the stages logged, and those read from their reports."""
-    return [*_stage_warnings(params), *_small_splits(params), *_weak_source(params)]
+    return [*_stage_warnings(params), *_small_splits(params), *_weak_source(params), *_weak_probe(params)]
 
 
 def summary(params: Params) -> str:
