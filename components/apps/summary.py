@@ -152,10 +152,12 @@ def _weak_probe(params: Params) -> list[str]:
     found = (report or {}).get("probe")
     if not isinstance(found, dict):
         return []
-    best, chance = max(found.get("linear_probe_accuracy", 0.0), found.get("knn_accuracy", 0.0)), found.get("chance", 0.0)
-    if best < chance + PROBE_NEAR_CHANCE * (1 - chance):
+    linear, knn, chance = (found.get(key) for key in ("linear_probe_accuracy", "knn_accuracy", "chance"))
+    if not all(isinstance(value, (int, float)) for value in (linear, knn, chance)):
+        return []
+    if max(linear, knn) < chance + PROBE_NEAR_CHANCE * (1 - chance):
         return [f"the transferred features are near chance on the target: linear probe "
-                f"{found.get('linear_probe_accuracy'):.4f}, k-NN {found.get('knn_accuracy'):.4f}, chance {chance:.4f}; "
+                f"{linear:.4f}, k-NN {knn:.4f}, chance {chance:.4f}; "
                 "the source may not be worth transferring (another source.mode, or compare evaluate.compare_scratch)"]
     return []
 

@@ -105,9 +105,9 @@ def _spread(values: list[float]) -> dict[str, float]:
 def summarize(rows: list[dict]) -> list[dict]:
     """Per source mode and budget: mean over seeds (with std, min and max of both accuracies)."""
     table = []
-    for mode in dict.fromkeys(row.get("source_mode", "train") for row in rows):
+    for mode in dict.fromkeys(row["source_mode"] for row in rows):
         for budget in sorted({row["labels_per_class"] for row in rows}):
-            group = [row for row in rows if row.get("source_mode", "train") == mode and row["labels_per_class"] == budget]
+            group = [row for row in rows if row["source_mode"] == mode and row["labels_per_class"] == budget]
             if not group:
                 continue
             transfer, scratch = (_spread([row[key] for row in group]) for key in ("transfer_accuracy", "scratch_accuracy"))
