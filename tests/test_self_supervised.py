@@ -62,7 +62,8 @@ def test_pretraining_learns_without_labels_and_transfer_reads_it(tmp_path: Path)
     assert report["probe"]["linear_probe_accuracy"] > CHANCE + 0.3 and report["probe"]["chance"] == pytest.approx(CHANCE)
 
 
-@pytest.mark.slow  # a stage subprocess: about a minute on 2 busy cores
+@pytest.mark.slow  # a stage subprocess: 7 minutes on 2 cores shared with a sweep and other work
+@pytest.mark.timeout(900)
 def test_pretraining_learns_on_the_jax_backend(tmp_path: Path) -> None:
     params, params_yaml = _texture_workspace(tmp_path)
     run_stage("source", params_yaml, {"KERAS_BACKEND": "jax"}, timeout=420)
@@ -149,7 +150,9 @@ def test_summary_warns_when_the_probe_is_near_chance(tmp_path: Path) -> None:
     assert not any("near chance" in line for line in summary.warnings(params))
 
 
-@pytest.mark.slow  # the real stages, two source modes, two seeds: a few minutes on 2 cores
+# The real stages, two source modes, two seeds: 12 minutes on 2 cores shared with two sweeps and other work.
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_the_sweep_compares_two_source_modes_with_seeds(tmp_path: Path) -> None:
     params_yaml = write_shrunk_params_yaml(tmp_path / "params.yaml", {"source.self_supervised.epochs": 2})
     out = tmp_path / "sweep"
