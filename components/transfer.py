@@ -180,10 +180,16 @@ def run(params: Params) -> TransferResult:
         log.warning("no layer was transferred: the target model starts from scratch (check transfer.layers)")
     report["frozen"] = apply_freeze(target, cfg.freeze)
     report.update(freeze=cfg.freeze, match=cfg.match, patterns=list(cfg.layers))
-    report["probe"] = probe(target, *(load_split(params.paths.clean, "target", name) for name in ("train", "val")))
-    log.info("probes of the transferred features on target val: linear %.4f, %d-NN %.4f (chance %.4f)",
-             report["probe"]["linear_probe_accuracy"], report["probe"]["knn_k"], report["probe"]["knn_accuracy"],
-             report["probe"]["chance"])
+    train, val = (load_split(params.paths.clean, "target", name) for name in ("train", "val"))
+    if train.shape[-1] == params.data.channels:
+        report["probe"] = probe(target, train, val)
+        log.info("probes of the transferred features on target val: linear %.4f, %d-NN %.4f (chance %.4f)",
+                 report["probe"]["linear_probe_accuracy"], report["probe"]["knn_k"], report["probe"]["knn_accuracy"],
+                 report["probe"]["chance"])
+    else:  # clean ran with another data.color_mode; fine-tuning will say so, the probe just cannot run
+        report["probe"] = None
+        log.warning("no probe: the cleaned target images have %d channel(s), data.color_mode needs %d (rerun clean)",
+                    train.shape[-1], params.data.channels)
     save_model_dir(target, classes, params.paths.transferred_model)
     write_json(params.paths.transfer_report, report)
     write_text(params.paths.transfer_table, _table(report, params))
