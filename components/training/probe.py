@@ -38,7 +38,8 @@ def probe(model: keras.Model, train: Split, val: Split) -> dict[str, float | int
     mean, std = train_x.mean(axis=0), train_x.std(axis=0) + 1e-6
     linear = LogisticRegression(max_iter=2000).fit((train_x - mean) / std, train.y)
     linear_accuracy = float(np.mean(linear.predict((val_x - mean) / std) == val.y))
-    k = min(NEIGHBOURS, len(train))
+    # Never more neighbours than the smallest class has images: 5 neighbours of 1 image per class vote for anything.
+    k = max(1, min(NEIGHBOURS, int(np.bincount(train.y, minlength=len(train.classes)).min())))
     knn = KNeighborsClassifier(n_neighbors=k, metric="cosine").fit(train_x, train.y)
     knn_accuracy = float(np.mean(knn.predict(val_x) == val.y))
     return {
