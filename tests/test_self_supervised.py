@@ -171,3 +171,14 @@ def test_the_sweep_compares_two_source_modes_with_seeds(tmp_path: Path) -> None:
     assert result["sources"]["self_supervised"]["total_seconds"] > 0
     assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG"
     assert not (tmp_path / "data").exists(), "the sweep wrote outside its temporary workspace"
+
+
+def test_the_knn_probe_never_takes_more_neighbours_than_a_class_has(tmp_path: Path) -> None:
+    from components.training.models import build_model
+    from tests.conftest import write_clean_dataset
+
+    params = shrunk_params(tmp_path)
+    write_clean_dataset(params.paths.clean, "target", list(TEXTURES), {"train": 1, "val": 8}, params.data.image_size)
+    train, val = (load_split(params.paths.clean, "target", s) for s in ("train", "val"))
+    found = probe(build_model(params.model, params.data, 3, bn_inference=True), train, val)
+    assert found["knn_k"] == 1 and found["train_images"] == 3 and found["val_images"] == 24
