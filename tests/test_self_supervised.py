@@ -150,7 +150,7 @@ def test_summary_warns_when_the_probe_is_near_chance(tmp_path: Path) -> None:
     assert not any("near chance" in line for line in summary.warnings(params))
 
 
-# The real stages, two source modes, two seeds: 12 minutes on 2 cores shared with two sweeps and other work.
+# The real stages, two source modes, two seeds: 3.5 minutes on 2 shared cores (over 10 beside two sweeps).
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_the_sweep_compares_two_source_modes_with_seeds(tmp_path: Path) -> None:
