@@ -124,6 +124,13 @@ def test_a_folder_of_another_mode_or_size_is_refused(digits: Params, tmp_path: P
         source.run(run)
 
 
+def test_a_folder_with_a_file_that_is_no_image_is_refused(digits: Params, tmp_path: Path) -> None:
+    folder = write_class_folders(tmp_path / "unlabelled", ["any"], per_class=2, size=(8, 8))
+    (folder / "any" / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(PipelineError, match=r"1 of its 3 files are not readable images, e.g. .*broken.png"):
+        source.run(with_overrides(digits, {"source.self_supervised.folder": str(folder)}))
+
+
 def test_too_few_unlabelled_images_for_a_batch_is_refused_before_training(digits: Params) -> None:
     run = with_overrides(digits, {"source.self_supervised.batch_size": 4096})
     with pytest.raises(PipelineError, match=r"source.self_supervised: \d+ unlabelled images \(25 from target train, "

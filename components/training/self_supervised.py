@@ -13,6 +13,7 @@ are Keras layers inside the training model; the saved model is the plain encoder
 
 from __future__ import annotations
 
+import csv
 import logging
 import os
 import time
@@ -53,8 +54,6 @@ def _folder_images(folder: Path) -> list[Path]:
 
 def _target_looks(params: Params) -> tuple[set[str], tuple[int, int], tuple[int, int]]:
     """The target's image modes and its range of widths and heights, from validate's manifest."""
-    import csv
-
     if not params.paths.manifest.is_file():
         raise PipelineError(f"{params.paths.manifest} not found: run the validate stage first (dvc repro validate)")
     with open(params.paths.manifest, newline="") as handle:
@@ -75,11 +74,19 @@ def _check_folder(params: Params, files: list[Path], held_out: set[str]) -> list
             f"(same content), e.g. {leaked[0]}: pretraining on them would leak the evaluation data; remove them")
     modes, (w_low, w_high), (h_low, h_high) = _target_looks(params)
     off: list[str] = []
+    unreadable: list[str] = []
     for path in files:
-        with Image.open(path) as image:  # reads the header only
-            mode, (width, height) = image.mode, image.size
+        try:
+            with Image.open(path) as image:  # reads the header only
+                mode, (width, height) = image.mode, image.size
+        except (OSError, ValueError, Image.DecompressionBombError):
+            unreadable.append(str(path))
+            continue
         if mode not in modes or not (w_low <= width <= w_high and h_low <= height <= h_high):
             off.append(f"{path} ({mode} {width}x{height})")
+    if unreadable:
+        raise PipelineError(f"{SETTING}.folder: {len(unreadable)} of its {len(files)} files are not readable images, "
+                            f"e.g. {unreadable[0]}: remove or replace them")
     if off:
         raise PipelineError(
             f"{SETTING}.folder: {len(off)} of its {len(files)} images differ in mode or size from the target's "
