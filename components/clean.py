@@ -26,7 +26,7 @@ from components.core.config import Params
 from components.core.errors import PipelineError
 from components.core.reports import QuarantineReport, write_report
 from components.data.raw_record import assigned_splits
-from components.data.dataset import SPLITS, SplitWriter
+from components.data.dataset import HELD_BACK, SPLITS, SplitWriter
 from components.data.images import MANIFEST_COLUMNS, TASKS, class_folders, list_class_images, load_normalized, workers_for
 
 log = logging.getLogger(__name__)
@@ -401,7 +401,10 @@ def _write_splits(params: Params, plans: dict[str, _Task], out: Path, shape: tup
     for task, plan in plans.items():
         (out / task).mkdir(parents=True)
         write_text(out / task / "classes.json", json.dumps(plan.classes) + "\n")
-        for split, rows in plan.splits.items():
+        # The images the label budget held back are kept too, as unlabelled data (source.mode:
+        # self_supervised pretrains on them); no labelled split reads them.
+        written = {**plan.splits, **({HELD_BACK: plan.held_back} if plan.held_back else {})}
+        for split, rows in written.items():
             rows = sorted(rows, key=lambda r: (r["label"], r["path"]))  # by class: evenly spaced picks see every class
             jobs = [(params.paths.raw / r["path"], r["sha256"]) for r in rows]
             with SplitWriter(out / task / split, plan.classes, shape, len(rows)) as writer:

@@ -1,4 +1,5 @@
-"""Stage `source`: train the source model on the source task, or download pretrained weights.
+"""Stage `source`: train the source model on the source task, download pretrained weights, or pretrain
+the backbone on unlabelled images (self-supervised).
 
 Training runs on several processes when the environment names a cluster
 (components.training.distributed); process 0 alone writes the model and reports.
@@ -7,8 +8,10 @@ Training runs on several processes when the environment names a cluster
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import keras
 
@@ -31,7 +34,7 @@ class SourceResult:
 
     def __str__(self) -> str:
         if self.test_accuracy is None:
-            return f"{self.mode}: pretrained weights ready"
+            return f"{self.mode}: pretrained backbone ready"
         return f"{self.mode}: source test accuracy {self.test_accuracy:.4f}"
 
 
@@ -59,6 +62,19 @@ def _train(params: Params, cluster: Cluster) -> tuple[keras.Model, tuple[str, ..
         "workers": cluster.count,
     }
     return model, train.classes, report
+
+
+def _self_supervised(params: Params) -> tuple[keras.Model, None, dict]:
+    from components.training.self_supervised import pretrain, unlabeled_pool
+
+    params.paths.source_model.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="tlpipe-unlabeled-", dir=params.paths.source_model.parent) as workdir:
+        pool, counts = unlabeled_pool(params, Path(workdir))
+        log.info("unlabelled images: %s", ", ".join(f"{n} from {name}" for name, n in counts.items()))
+        encoder, result = pretrain(params, pool)
+    return encoder, None, {"method": "simclr", "images": counts, "epochs_run": result.epochs,
+                           "final_loss": result.final_loss, "seconds": result.seconds,
+                           "images_per_second": result.images_per_second}
 
 
 def _download(params: Params) -> tuple[keras.Model, None, dict]:
@@ -93,6 +109,9 @@ def run(params: Params) -> SourceResult:
         model, classes, report = _train(params, cluster)
         if not cluster.is_chief:
             return SourceResult(params.source.mode, report["test_accuracy"])
+    elif params.source.mode == "self_supervised":
+        model, classes, report = _self_supervised(params)
+        (params.paths.training_curves / "source" / "plots" / "metrics").mkdir(parents=True, exist_ok=True)
     else:
         model, classes, report = _download(params)
         # dvc.yaml declares the curves folder as the stage's plots; a download has no curves to draw.

@@ -5,6 +5,8 @@ one exception is the first convolution when the channel counts differ (gray <-> 
 kernel is adapted so a gray image gives the same response. Everything else is skipped with a
 reason and keeps its fresh initialization; reports/transfer.json and a markdown table say which.
 Which layers then train, in which phase, is fine-tuning's choice (components.training.trainability).
+The report's `probe` says, in seconds, how well the transferred features separate the target's
+classes before any fine-tuning: a linear and a k-NN probe fitted on the train split, scored on val.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ import numpy as np
 from components.core.artifacts import write_text
 from components.core.reports import TransferReport, write_report
 from components.core.config import Params
-from components.data.dataset import class_names
+from components.data.dataset import class_names, load_split
 from components.training.models import build_model, load_model_dir, save_model_dir, weighted_layers
+from components.training.probe import probe
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +147,16 @@ def run(params: Params) -> TransferResult:
     if not report["transferred"]:
         log.warning("no layer was transferred: the target model starts from scratch (check transfer.layers)")
     report.update(match=cfg.match, patterns=list(cfg.layers))
+    train, val = (load_split(params.paths.clean, "target", name) for name in ("train", "val"))
+    if train.shape[-1] == params.data.channels:
+        report["probe"] = probe(target, train, val)
+        log.info("probes of the transferred features on target val: linear %.4f, %d-NN %.4f (chance %.4f)",
+                 report["probe"]["linear_probe_accuracy"], report["probe"]["knn_k"], report["probe"]["knn_accuracy"],
+                 report["probe"]["chance"])
+    else:  # clean ran with another data.color_mode; fine-tuning will say so, the probe just cannot run
+        report["probe"] = None
+        log.warning("no probe: the cleaned target images have %d channel(s), data.color_mode needs %d (rerun clean)",
+                    train.shape[-1], params.data.channels)
     save_model_dir(target, classes, params.paths.transferred_model)
     write_report(params.paths.transfer_report, TransferReport(**report))
     write_text(params.paths.transfer_table, _table(report, params))

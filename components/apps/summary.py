@@ -49,7 +49,11 @@ def _transfer(params: Params) -> list[str]:
     if report is None:
         return []
     counts = ", ".join(f"{len(getattr(report, key))} {key}" for key in ("transferred", "skipped", "reinitialized"))
-    return [f"transfer: {counts} layers"]
+    lines = [f"transfer: {counts} layers"]
+    if (found := report.probe) is not None:
+        lines.append(f"probes of the transferred features (target val): linear {number(found.linear_probe_accuracy)}, "
+                     f"k-NN {number(found.knn_accuracy)} (chance {number(found.chance)})")
+    return lines
 
 
 def _quarantine(params: Params) -> list[str]:
@@ -111,6 +115,22 @@ def _weak_source(params: Params) -> list[str]:
     return []
 
 
+# A probe is "near chance" below a quarter of the way from chance to perfect (0.4 for 5 classes).
+PROBE_NEAR_CHANCE = 0.25
+
+
+def _weak_probe(params: Params) -> list[str]:
+    report = read_report(params.paths.transfer_report, TransferReport)
+    if report is None or report.probe is None:
+        return []
+    found = report.probe
+    if max(found.linear_probe_accuracy, found.knn_accuracy) < found.chance + PROBE_NEAR_CHANCE * (1 - found.chance):
+        return [f"the transferred features are near chance on the target: linear probe "
+                f"{number(found.linear_probe_accuracy)}, k-NN {number(found.knn_accuracy)}, chance {number(found.chance)}; "
+                "the source may not be worth transferring (another source.mode, or measure it: scratch.enabled)"]
+    return []
+
+
 def _stage_warnings(params: Params) -> list[str]:
     """Every warning the stages logged in their last run, in graph order."""
     try:
@@ -126,7 +146,7 @@ def _stage_warnings(params: Params) -> list[str]:
 
 def warnings(params: Params) -> list[str]:
     """Every warning of the run: those the stages logged, and those read from their reports."""
-    return [*_stage_warnings(params), *_small_splits(params), *_weak_source(params)]
+    return [*_stage_warnings(params), *_small_splits(params), *_weak_source(params), *_weak_probe(params)]
 
 
 def summary(params: Params) -> str:

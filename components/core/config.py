@@ -7,7 +7,7 @@ project's params.yaml holds only what it changes. Types are strict (a YAML `true
 validate.max_side`) are checked here, each error naming its keys.
 
 One rule for every path setting (`paths:`, `data.source_dir`/`target_dir`, `source.cache_dir`,
-a `source.weights` file): `~` is the home folder, and a relative path is taken from the folder
+a `source.weights` file, `source.self_supervised.folder`): `~` is the home folder, and a relative path is taken from the folder
 of the params file, wherever the command runs from.
 """
 
@@ -131,8 +131,23 @@ class ModelParams(_Section):
     dropout: Float = Field(ge=0, lt=1)
 
 
+class SelfSupervisedParams(_Section):
+    images: tuple[Literal["target", "source"], ...]
+    folder: str
+    epochs: Int = Field(ge=1)
+    batch_size: Int = Field(ge=2)
+    learning_rate: Float = Field(gt=0)
+    temperature: Float = Field(gt=0)
+    projection_dim: Int = Field(ge=1)
+    augment_translation: Float = Field(ge=0, lt=1)
+    augment_zoom: Float = Field(ge=0, lt=1)
+    augment_rotation: Float = Field(ge=0, le=0.5)
+    augment_contrast: Float = Field(ge=0, lt=1)
+    augment_noise: Float = Field(ge=0, lt=1)
+
+
 class SourceParams(_Section):
-    mode: Literal["train", "download"]
+    mode: Literal["train", "download", "self_supervised"]
     weights: str
     sha256: str = Field(pattern=r"^([0-9a-fA-F]{64})?$")  # a digest, or empty
     mirror: str = Field(pattern=r"^(https?|file)://")
@@ -141,9 +156,13 @@ class SourceParams(_Section):
     batch_size: Int = Field(ge=1)
     learning_rate: Float = Field(gt=0)
     patience: Int = Field(ge=1)
+    self_supervised: SelfSupervisedParams
 
     @model_validator(mode="after")
     def _download_names_weights(self) -> "SourceParams":
+        if self.mode == "self_supervised" and not (self.self_supervised.images or self.self_supervised.folder):
+            raise ValueError("mode 'self_supervised' needs images to pretrain on: set source.self_supervised.images "
+                             "(target, source) or source.self_supervised.folder")
         if self.mode == "download" and not self.weights:
             raise ValueError("mode 'download' needs weights: imagenet, a file path or an http(s) URL")
         if self.mode == "download" and self.weights != "imagenet" and not self.sha256:
@@ -280,7 +299,10 @@ class Params(_Section):
 
         resolved = {name: under_root(path) for name, path in self.paths.model_dump().items()}
         folders = {key: str(under_root(value)) for key in ("source_dir", "target_dir") if (value := getattr(self.data, key))}
-        source: dict[str, str] = {"cache_dir": str(under_root(self.source.cache_dir))}
+        source: dict[str, object] = {"cache_dir": str(under_root(self.source.cache_dir))}
+        if self.source.self_supervised.folder:
+            source["self_supervised"] = self.source.self_supervised.model_copy(
+                update={"folder": str(under_root(self.source.self_supervised.folder))})
         weights = self.source.weights
         if weights and weights != "imagenet" and "://" not in weights:  # a file, not a URL
             source["weights"] = str(under_root(weights))

@@ -160,6 +160,18 @@ class SourceReport(Report):
     total_seconds: float
 
 
+class Probe(Report):
+    """Linear and k-NN probes of the transferred features: fitted on target train, scored on val."""
+    linear_probe_accuracy: float
+    knn_accuracy: float
+    knn_k: int
+    chance: float
+    train_images: int
+    val_images: int
+    features: int
+    seconds: float
+
+
 class TransferReport(Report):
     STAGE: ClassVar[str] = "transfer"
     layers: list[dict[str, Any]]
@@ -168,6 +180,7 @@ class TransferReport(Report):
     reinitialized: list[dict[str, Any]]
     match: str
     patterns: list[str]
+    probe: Probe | None = None  # None: the cleaned images' channels differ from data.color_mode
 
 
 class FinetuneReport(Report):

@@ -29,6 +29,9 @@ import numpy as np
 from components.core.errors import PipelineError
 
 SPLITS = ("train", "val", "test")
+# <task>/held_back: the train images the label budget (clean.target_train_per_class) left out, labels
+# kept in the index but read by no labelled consumer; self-supervised pretraining uses them unlabelled.
+HELD_BACK = "held_back"
 FORMAT = "tlpipe-uint8-shards/1"
 META_FILE = "split.json"
 INDEX_FILE = "index.csv"

@@ -1,0 +1,54 @@
+"""Linear and k-NN probes: how well frozen backbone features separate the target's classes, in seconds.
+
+A cheap signal, before fine-tuning spends the compute, of whether a source is worth transferring:
+the features are the backbone's output for each image (the model's head is not used); a
+logistic regression and a k-nearest-neighbour vote (cosine) are fitted on the target's train split
+and scored on its val split. Near chance, the source's features carry nothing the target can use.
+"""
+
+from __future__ import annotations
+
+import time
+
+import keras
+import numpy as np
+
+from components.data.dataset import Split
+from components.data.stream import predict
+from components.training.models import HEAD_NAME
+
+NEIGHBOURS = 5
+
+
+def feature_model(model: keras.Model) -> keras.Model:
+    """The model without its head: the backbone's features (what the head reads; dropout is off at inference)."""
+    if HEAD_NAME not in {layer.name for layer in model.layers}:
+        return model  # headless already (a downloaded or self-supervised source)
+    return keras.Model(model.inputs, model.get_layer(HEAD_NAME).input, name="features")
+
+
+def probe(model: keras.Model, train: Split, val: Split) -> dict[str, float | int]:
+    """Linear-probe and k-NN accuracy of the model's backbone features on val, fitted on train."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.neighbors import KNeighborsClassifier
+
+    started = time.perf_counter()
+    extractor = feature_model(model)
+    train_x, val_x = (np.asarray(predict(extractor, split), dtype="float64") for split in (train, val))
+    mean, std = train_x.mean(axis=0), train_x.std(axis=0) + 1e-6
+    linear = LogisticRegression(max_iter=2000).fit((train_x - mean) / std, train.y)
+    linear_accuracy = float(np.mean(linear.predict((val_x - mean) / std) == val.y))
+    # Never more neighbours than the smallest class has images: 5 neighbours of 1 image per class vote for anything.
+    k = max(1, min(NEIGHBOURS, int(np.bincount(train.y, minlength=len(train.classes)).min())))
+    knn = KNeighborsClassifier(n_neighbors=k, metric="cosine").fit(train_x, train.y)
+    knn_accuracy = float(np.mean(knn.predict(val_x) == val.y))
+    return {
+        "linear_probe_accuracy": round(linear_accuracy, 6),
+        "knn_accuracy": round(knn_accuracy, 6),
+        "knn_k": k,
+        "chance": round(1.0 / len(train.classes), 6),
+        "train_images": len(train),
+        "val_images": len(val),
+        "features": int(train_x.shape[1]),
+        "seconds": round(time.perf_counter() - started, 3),
+    }
