@@ -17,6 +17,7 @@ from components import clean, ingest, source, transfer, validate
 from components.apps import summary, sweep
 from components.core.config import Params, load_params, with_overrides
 from components.core.errors import PipelineError
+from components.core.reports import Probe, TransferReport, write_report
 from components.data.dataset import HELD_BACK, load_split
 from components.training.models import load_model_dir
 from components.training.probe import probe
@@ -148,12 +149,14 @@ def test_self_supervised_with_nothing_to_read_is_a_config_error(tmp_path: Path) 
 def test_summary_warns_when_the_probe_is_near_chance(tmp_path: Path) -> None:
     params = shrunk_params(tmp_path)
     params.paths.transfer_report.parent.mkdir(parents=True)
-    report = {"transferred": [], "skipped": [], "reinitialized": [],
-              "probe": {"linear_probe_accuracy": 0.25, "knn_accuracy": 0.3, "chance": 0.2}}
-    params.paths.transfer_report.write_text(json.dumps(report))
+    weak = Probe(linear_probe_accuracy=0.25, knn_accuracy=0.3, knn_k=5, chance=0.2, train_images=25, val_images=25,
+                  features=32, seconds=0.1)
+    report = TransferReport(layers=[], transferred=[], skipped=[], reinitialized=[], match="name",
+                            patterns=["backbone.*"], probe=weak)
+    write_report(params.paths.transfer_report, report)
     assert any("near chance" in line for line in summary.warnings(params))
-    report["probe"]["linear_probe_accuracy"] = 0.9
-    params.paths.transfer_report.write_text(json.dumps(report))
+    write_report(params.paths.transfer_report, report.model_copy(update={"probe": weak.model_copy(
+        update={"linear_probe_accuracy": 0.9})}))
     assert not any("near chance" in line for line in summary.warnings(params))
 
 

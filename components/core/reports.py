@@ -152,6 +152,10 @@ class SourceReport(Report):
     seconds: float | None = None
     images_per_second: float | None = None
     workers: int | None = None  # processes that trained together (components.training.distributed)
+    # mode self_supervised (also epochs_run, seconds, images_per_second)
+    method: str | None = None
+    images: dict[str, int] | None = None  # unlabelled images per origin
+    final_loss: float | None = None
     # mode download
     weights: str | None = None
     backbone: str | None = None
