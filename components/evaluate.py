@@ -17,7 +17,7 @@ from components.core.artifacts import atomic_path, write_text
 from components.core.config import Params
 from components.data.dataset import load_split
 from components.core.errors import PipelineError
-from components.core.metrics import compute_metrics
+from components.core.metrics import compute_metrics, confusion_figure
 from components.core.reports import (FinetuneReport, GatesReport, MetricsReport, ScoresReport, ScratchReport,
                                      TransferGainReport, build_gates, metric_gates, number, read_report,
                                      require_report, write_report)
@@ -96,17 +96,9 @@ def _write_confusion(y_true: np.ndarray, y_pred: np.ndarray, classes: tuple[str,
 
 
 def _plot_confusion(matrix: np.ndarray, classes: tuple[str, ...], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from sklearn.metrics import ConfusionMatrixDisplay
 
-    figure, axes = plt.subplots(figsize=(1.2 + 0.6 * len(classes), 1 + 0.6 * len(classes)))
-    ConfusionMatrixDisplay(matrix, display_labels=list(classes)).plot(ax=axes, cmap="Blues", colorbar=False,
-                                                                      values_format="d")
-    axes.set(xlabel="predicted", ylabel="actual", title="target test split")
-    figure.tight_layout()
+    figure = confusion_figure(matrix, classes, title="target test split")
     with atomic_path(path) as temp:
         figure.savefig(temp, format="png", dpi=100)
     plt.close(figure)

@@ -1,4 +1,4 @@
-"""Classification metrics of a test split: one definition for evaluate's report and promotion's scores."""
+"""Test-split metrics and the confusion plot: one definition for evaluate, the run report and promotion."""
 
 from __future__ import annotations
 
@@ -25,3 +25,22 @@ def compute_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: tuple[str, 
         },
         "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
     }
+
+
+def confusion_figure(matrix: np.ndarray, classes: list[str] | tuple[str, ...], title: str = "confusion matrix"):
+    """The confusion matrix drawn by scikit-learn's ConfusionMatrixDisplay: rows true, columns predicted.
+
+    One drawing for evaluate's confusion.png and the run report; the caller saves and closes it.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    figure, axes = plt.subplots(figsize=(1.2 + 0.6 * len(classes), 1 + 0.6 * len(classes)))
+    ConfusionMatrixDisplay(np.asarray(matrix), display_labels=list(classes)).plot(
+        ax=axes, cmap="Blues", colorbar=False, values_format="d")
+    axes.set(xlabel="predicted class", ylabel="true class", title=title)
+    figure.tight_layout()
+    return figure

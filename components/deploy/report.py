@@ -24,6 +24,7 @@ import numpy as np
 import yaml
 
 from components.core.config import Params
+from components.core.metrics import confusion_figure
 from components.core.reports import (ClassMetrics, DriftReport, ExportReport, FinetuneReport, Gate, GatesReport,
                                      MetricsReport, QuarantineReport, SourceReport, TransferGainReport, TransferReport,
                                      ValidationReport, gate_rows, number, read_report)
@@ -345,17 +346,6 @@ def per_class_figure(per_class: dict[str, ClassMetrics]) -> bytes:
     return figure_png(figure)
 
 
-def confusion_figure(matrix: np.ndarray, classes: list[str]) -> bytes:
-    plt = _pyplot()
-    figure, axis = plt.subplots(figsize=(1.2 + 0.6 * len(classes), 1 + 0.6 * len(classes)))
-    axis.imshow(matrix, cmap="Blues")
-    axis.set(xticks=range(len(classes)), yticks=range(len(classes)), xticklabels=classes, yticklabels=classes,
-             xlabel="predicted class", ylabel="true class", title="confusion matrix")
-    for (row, col), count in np.ndenumerate(matrix):
-        axis.text(col, row, str(count), ha="center", va="center", color="white" if count > matrix.max() / 2 else "black")
-    return figure_png(figure)
-
-
 def evaluation_section(params: Params) -> str:
     metrics = read_report(params.paths.metrics, MetricsReport)
     if metrics is None:
@@ -369,7 +359,7 @@ def evaluation_section(params: Params) -> str:
     matrix = np.asarray(metrics.confusion_matrix)
     plots = img(per_class_figure(per_class), "per-class precision, recall and F1", "plot") if per_class else ""
     if matrix.size:
-        plots += img(confusion_figure(matrix, classes), "confusion matrix", "plot")
+        plots += img(figure_png(confusion_figure(matrix, classes)), "confusion matrix", "plot")
     return (headline + f"<h3>Gates: {verdict(gates.passed if gates else None)}</h3>"
             + gate_html(gates.gates if gates else [], "gate") + plots)
 
