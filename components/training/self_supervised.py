@@ -29,7 +29,7 @@ from components.data.dataset import HELD_BACK, Split, SplitWriter, load_split
 from components.data.images import is_image_name, load_normalized, sha256_file
 from components.data.stream import TrainFeed, replicas
 from components.training.models import build_model
-from components.training.trainer import Throughput, _ToPixels
+from components.training.trainer import Throughput, ToPixels, jit_on_jax
 
 log = logging.getLogger(__name__)
 
@@ -182,9 +182,7 @@ def _augmenter(cfg: SelfSupervisedParams, seed: int) -> list[keras.layers.Layer]
         layers.append(keras.layers.RandomContrast(cfg.augment_contrast, value_range=(0, 1), seed=seed + 3))
     if cfg.augment_noise:
         layers.append(keras.layers.GaussianNoise(cfg.augment_noise, seed=seed + 4))
-    if keras.backend.backend() == "jax":
-        for layer in layers:  # see trainer.with_augmentation: on JAX these are plain jax.numpy ops and jit
-            layer.supports_jit = True
+    jit_on_jax(layers)
     return layers
 
 
@@ -198,7 +196,7 @@ def contrastive_model(encoder: keras.Model, cfg: SelfSupervisedParams, seed: int
         for layer in _augmenter(cfg, seed + 10 * view):
             x = layer(x)
         # Back to uint8: the encoder takes raw pixels, like the exported model.
-        views.append(_ToPixels(name=f"view{view}")(keras.layers.Rescaling(255.0)(x)))
+        views.append(ToPixels(name=f"view{view}")(keras.layers.Rescaling(255.0)(x)))
     both = keras.layers.Concatenate(axis=0, name="views")(views)
     features = encoder(both)
     x = keras.layers.Dense(cfg.projection_dim, activation="relu", name="projection_hidden")(features)
