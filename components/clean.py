@@ -25,9 +25,10 @@ from components.core.artifacts import atomic_dir, write_text
 from components.core.config import Params
 from components.core.errors import PipelineError
 from components.core.reports import QuarantineReport, write_report
+from components.data import raw_pack
 from components.data.raw_record import assigned_splits
 from components.data.dataset import HELD_BACK, SPLITS, SplitWriter
-from components.data.images import MANIFEST_COLUMNS, TASKS, class_folders, list_class_images, load_normalized, workers_for
+from components.data.images import MANIFEST_COLUMNS, TASKS, load_normalized, workers_for
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,9 @@ USED_COLUMNS = ("task", "path", "label", "width", "height", "sha256", "error", "
 _SHARED = ("task", "label", "width", "height")
 
 
-def _read_manifest(params: Params) -> list[dict[str, str]]:
+def _read_manifest(params: Params) -> list[dict[str, Any]]:
+    """The manifest's rows (USED_COLUMNS), each with "at": where its bytes are in paths.raw's packs
+    ((pack file, offset, length); None for a file ingest could not copy)."""
     path = params.paths.manifest
     if not path.is_file():
         raise PipelineError(f"{path} not found; run `tlpipe stage validate` first")
@@ -74,11 +77,17 @@ def _read_manifest(params: Params) -> list[dict[str, str]]:
         rows = [{name: sys.intern(row[name]) if name in _SHARED else row[name] for name in USED_COLUMNS}
                 for row in reader]
     for task in TASKS:
-        on_disk = {f"{task}/{rel}" for rel, _ in list_class_images(params.paths.raw / task, every_file=True)}
+        folder = params.paths.raw / task
+        names: dict[int, str] = {}  # one string per pack, shared by its rows
+        packed = {f"{task}/{m.path}": (names.setdefault(m.pack, str(folder / raw_pack.pack_name(m.pack))),
+                                       m.offset, m.size) for m in raw_pack.members(folder)}
         listed = {r["path"] for r in rows if r["task"] == task and r["sha256"]}  # "": ingest could not copy it
-        if on_disk != listed:
-            raise PipelineError(f"{path} does not match {params.paths.raw / task} ({len(on_disk ^ listed)} files "
+        if packed.keys() != listed:
+            raise PipelineError(f"{path} does not match {folder} ({len(packed.keys() ^ listed)} files "
                                 "differ); rerun `tlpipe stage validate`")
+        for row in rows:
+            if row["task"] == task:
+                row["at"] = packed.get(row["path"])
     return rows
 
 
@@ -194,7 +203,7 @@ def _split(task: str, label: str, rows: list[dict[str, str]], params: Params,
 
 def _plan(params: Params, task: str, rows: list[dict[str, str]], assigned: dict[str, str]) -> _Task:
     kept, quarantined = _quarantine(rows, params)
-    classes = sorted(set(class_folders(params.paths.raw / task)) | {r["label"] for r in rows})
+    classes = sorted(set(raw_pack.classes(params.paths.raw / task)) | {r["label"] for r in rows})
     plan = _Task(classes, rows, quarantined, {name: [] for name in SPLITS}, [])
     cap = params.clean.target_train_per_class if task == "target" else None
     for label in classes:
@@ -354,17 +363,21 @@ def _summary_markdown(plans: dict[str, _Task], counts: dict[str, dict[str, Any]]
     return "\n".join(lines) + "\n"
 
 
-def _pixels(job: tuple[Path, str], size: int, pil_mode: str) -> np.ndarray | None:
+# (pack file, offset, length, sha256 the manifest recorded): one image for a decode worker.
+Job = tuple[str, int, int, str]
+
+
+def _pixels(job: Job, size: int, pil_mode: str) -> np.ndarray | None:
     """One normalized image as uint8 (H, W, C); None if the source's bytes no longer match its hash."""
-    source, sha256 = job
-    data = Path(source).read_bytes()
+    pack, offset, length, sha256 = job
+    data = raw_pack.read_at(pack, offset, length)
     if hashlib.sha256(data).hexdigest() != sha256:
         return None
     pixels = np.asarray(load_normalized(io.BytesIO(data), size, pil_mode), dtype=np.uint8)
     return pixels[..., None] if pixels.ndim == 2 else pixels
 
 
-def _normalized(jobs: list[tuple[Path, str]], size: int, pil_mode: str, pool: Pool | None,
+def _normalized(jobs: list[Job], size: int, pil_mode: str, pool: Pool | None,
                 chunk: int = 16) -> Iterator[np.ndarray | None]:
     """`_pixels` of each job, in order, decoded in `pool` (None: here) a bounded batch at a time:
     at most `chunk * 8` decoded images wait for the writer (19 MB at 224 px RGB), however many
@@ -406,7 +419,7 @@ def _write_splits(params: Params, plans: dict[str, _Task], out: Path, shape: tup
         written = {**plan.splits, **({HELD_BACK: plan.held_back} if plan.held_back else {})}
         for split, rows in written.items():
             rows = sorted(rows, key=lambda r: (r["label"], r["path"]))  # by class: evenly spaced picks see every class
-            jobs = [(params.paths.raw / r["path"], r["sha256"]) for r in rows]
+            jobs = [(*r["at"], r["sha256"]) for r in rows]
             with SplitWriter(out / task / split, plan.classes, shape, len(rows)) as writer:
                 for row, pixels in zip(rows, _normalized(jobs, size, mode, pool)):
                     if pixels is None:

@@ -1,12 +1,17 @@
-"""Stage ingest: put the source and target image folders under paths.raw, rewriting only when inputs change."""
+"""Stage ingest: pack the source and target image folders into paths.raw, rewriting only when inputs change.
+
+Each task becomes paths.raw/<task>/: tar packs of the files, byte for byte, and their index
+(components/data/raw_pack.py says why packs, not a file per image).
+"""
 
 from __future__ import annotations
 
+import filecmp
 import hashlib
+import io
 import json
 import logging
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,12 +22,13 @@ from components.core.errors import PipelineError
 from components.core.graph import check_outputs
 from components.data.raw_record import FINGERPRINT_FILE
 from components.data.csv_manifest import is_csv_manifest, read_csv_manifest
+from components.data import raw_pack
 from components.data.images import TASKS, class_folders, list_class_images, sha256_file
 
 log = logging.getLogger(__name__)
 
 # Bump when the way ingest writes data/raw changes, so existing trees are rebuilt once.
-INGEST_VERSION = 2
+INGEST_VERSION = 3  # 3: packs and an index per task, not a file per image
 # Inside paths.raw, versioned with it: what ingest wrote (counts, rejected files, CSV splits, a
 # content digest), never where from or when, so the same images give the same DVC hash anywhere.
 DIGIT_CLASSES = range(10)
@@ -110,15 +116,21 @@ def _state_path(raw: Path) -> Path:
     return raw.parent / f".ingest-state-{raw.name}.json"
 
 
-def _tree_digest(root: Path) -> str:
-    """sha256 over every folder and file below `root` (path and bytes), the record file excepted."""
-    digest = hashlib.sha256()
-    for path in sorted(root.rglob("*")):
-        rel = path.relative_to(root).as_posix()
-        if rel == FINGERPRINT_FILE:
-            continue
-        digest.update(f"{rel}\0{'d' if path.is_dir() else sha256_file(path)}\0".encode())
-    return digest.hexdigest()
+def _content_digest(root: Path) -> str:
+    """sha256 over each task's index and class list, which name every file and its content hash."""
+    return hashlib.sha256("".join(raw_pack.digest(root / task) for task in TASKS).encode()).hexdigest()
+
+
+def _pack_sizes(root: Path, task: str) -> list[int]:
+    return [p.stat().st_size for p in sorted((root / task).glob("pack-*.tar"))]
+
+
+def _same_files(old: Path, new: Path) -> bool:
+    """Every file of the two trees has the same name and bytes (packs are reproducible: same images, same bytes)."""
+    names = sorted(p.relative_to(new).as_posix() for p in new.rglob("*") if p.is_file())
+    if names != sorted(p.relative_to(old).as_posix() for p in old.rglob("*") if p.is_file()):
+        return False
+    return all(filecmp.cmp(old / name, new / name, shallow=False) for name in names)
 
 
 def _unchanged(raw: Path, fingerprint: str) -> bool:
@@ -132,12 +144,12 @@ def _unchanged(raw: Path, fingerprint: str) -> bool:
     # `dvc checkout` of another version swaps data/raw under an unchanged fingerprint: the digest notices.
     if record.get("version") != INGEST_VERSION or state.get("content_sha256") != record.get("content_sha256"):
         return False
-    if not isinstance(record.get("images"), dict):
+    if not isinstance(record.get("packs"), dict):
         return False
-    # A file deleted from data/raw by hand must not go unnoticed behind a matching fingerprint.
+    # A pack deleted or cut short by hand must not go unnoticed behind a matching fingerprint
+    # (a changed one DVC notices, and `dvc checkout` puts back).
     return all(
-        (raw / task).is_dir() and len(list_class_images(raw / task, every_file=True)) == record["images"].get(task)
-        for task in TASKS
+        raw_pack.is_packed(raw / task) and _pack_sizes(raw, task) == record["packs"].get(task) for task in TASKS
     )
 
 
@@ -145,19 +157,19 @@ class _SameContent(Exception):
     """The rebuilt tree equals the one in place: keep that one, so DVC sees nothing new."""
 
 
-def _write_digits(out: Path, classes: list[int]) -> None:
+def _write_digits(out: raw_pack.PackWriter, classes: list[int]) -> None:
     import numpy as np
     from PIL import Image
     from sklearn.datasets import load_digits  # bundled with scikit-learn: no download
 
     digits = load_digits()
     pixels = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)  # 0..16 -> 0..255
-    for label in classes:
-        (out / str(label)).mkdir(parents=True)
-    for index, (image, label) in enumerate(zip(pixels, digits.target)):
+    for index, (image, label) in sorted(enumerate(zip(pixels, digits.target)), key=lambda item: int(item[1][1])):
         if int(label) in classes:
+            png = io.BytesIO()
+            Image.fromarray(image, mode="L").save(png, format="PNG")
             # The index in the sklearn dataset keeps names stable across runs and versions.
-            Image.fromarray(image, mode="L").save(out / str(int(label)) / f"digit_{index:05d}.png")
+            out.add(f"{int(label)}/digit_{index:05d}.png", str(int(label)), png.getvalue())
 
 
 def _rejection(source: Path, path: Path) -> str:
@@ -181,17 +193,16 @@ def _rejection(source: Path, path: Path) -> str:
     return ""
 
 
-def _copy_tree(source: Path, out: Path) -> list[dict[str, str]]:
-    """Copy every class folder; return the files that could not be copied, each with its reason."""
+def _copy_tree(source: Path, out: raw_pack.PackWriter) -> list[dict[str, str]]:
+    """Pack every class folder's files; return those that could not be read, each with its reason."""
     rejected: list[dict[str, str]] = []
     for label in class_folders(source):
-        (out / label).mkdir(parents=True)  # empty class folders too: validate reports them
+        out.add_class(label)  # empty class folders too: validate reports them
     for rel, label in list_class_images(source, every_file=True):
         reason = _rejection(source, source / rel)
         if not reason:
-            (out / rel).parent.mkdir(parents=True, exist_ok=True)
             try:
-                shutil.copyfile(source / rel, out / rel)  # every file, even bad ones: clean decides
+                out.add(rel, label, (source / rel).read_bytes())  # every file, even bad ones: clean decides
             except OSError as error:
                 reason = f"unreadable: {error.strerror or error}"
         if reason:
@@ -204,8 +215,8 @@ def _copy_tree(source: Path, out: Path) -> list[dict[str, str]]:
     return rejected
 
 
-def _copy_csv(csv_path: Path, out: Path) -> tuple[list[dict[str, str]], dict[str, str]]:
-    """Copy each listed file to out/<label>/<its path under the CSV's folder>.
+def _copy_csv(csv_path: Path, out: raw_pack.PackWriter) -> tuple[list[dict[str, str]], dict[str, str]]:
+    """Pack each listed file as <label>/<its path under the CSV's folder>.
 
     Returns the rejected rows and, for copied rows whose split column is filled in, {path: split}.
     """
@@ -226,11 +237,10 @@ def _copy_csv(csv_path: Path, out: Path) -> tuple[list[dict[str, str]], dict[str
         else:
             reason = _rejection(root, source)
         seen.add(rel)
-        (out / label).mkdir(parents=True, exist_ok=True)
+        out.add_class(label)
         if not reason:
-            (out / rel).parent.mkdir(parents=True, exist_ok=True)
             try:
-                shutil.copyfile(source, out / rel)
+                out.add(rel, label, source.read_bytes())
             except OSError as error:
                 reason = f"unreadable: {error.strerror or error}"
         if reason:
@@ -256,23 +266,26 @@ def run(params: Params) -> IngestResult:
         with atomic_dir(raw) as temp:
             rejected: dict[str, list[dict[str, str]]] = {task: [] for task in TASKS}
             splits: dict[str, dict[str, str]] = {task: {} for task in TASKS}
+            images: dict[str, int] = {}
+            classes: dict[str, int] = {}
             for task in TASKS:
-                if "csv" in plan[task]:
-                    log.info("%s: copying the files listed in %s", task, plan[task]["csv"])
-                    rejected[task], splits[task] = _copy_csv(Path(plan[task]["csv"]), temp / task)
-                elif "dir" in plan[task]:
-                    log.info("%s: copying %s", task, plan[task]["dir"])
-                    rejected[task] = _copy_tree(Path(plan[task]["dir"]), temp / task)
-                else:
-                    log.info("%s: writing scikit-learn digits %s", task, plan[task]["classes"])
-                    _write_digits(temp / task, plan[task]["classes"])
-            images = {task: len(list_class_images(temp / task, every_file=True)) for task in TASKS}
-            classes = {task: len(class_folders(temp / task)) for task in TASKS}
+                with raw_pack.PackWriter(temp / task) as out:
+                    if "csv" in plan[task]:
+                        log.info("%s: packing the files listed in %s", task, plan[task]["csv"])
+                        rejected[task], splits[task] = _copy_csv(Path(plan[task]["csv"]), out)
+                    elif "dir" in plan[task]:
+                        log.info("%s: packing %s (%d files)", task, plan[task]["dir"], plan[task]["files"])
+                        rejected[task] = _copy_tree(Path(plan[task]["dir"]), out)
+                    else:
+                        log.info("%s: writing scikit-learn digits %s", task, plan[task]["classes"])
+                        _write_digits(out, plan[task]["classes"])
+                images[task], classes[task] = out.count, len(out.classes)
             record = {"version": INGEST_VERSION, "images": images, "classes": classes, "rejected": rejected,
-                      "splits": splits, "content_sha256": _tree_digest(temp)}
+                      "splits": splits, "packs": {task: _pack_sizes(temp, task) for task in TASKS},
+                      "content_sha256": _content_digest(temp)}
             write_json(temp / FINGERPRINT_FILE, record)
             if raw.is_dir() and (raw / FINGERPRINT_FILE).is_file() and read_json(raw / FINGERPRINT_FILE) == record \
-                    and _tree_digest(raw) == record["content_sha256"]:
+                    and _same_files(raw, temp):
                 raise _SameContent
         rewritten = True
     except _SameContent:

@@ -16,7 +16,8 @@ from components.data.drift import check_drift
 from components.core.errors import PipelineError
 from components.core.reports import Gate, ValidationReport, write_report
 from components.data.expectations import run_suites, summarize
-from components.data.images import MANIFEST_COLUMNS, STAT_COLUMNS, TASKS, class_folders, inspect_image, list_class_images
+from components.data import raw_pack
+from components.data.images import MANIFEST_COLUMNS, STAT_COLUMNS, TASKS, inspect_image
 from components.data.raw_record import rejected_files
 
 if TYPE_CHECKING:
@@ -51,12 +52,11 @@ def _manifest(params: Params) -> tuple["pd.DataFrame", dict[str, list[str]]]:
     classes: dict[str, list[str]] = {}
     rejected = rejected_files(raw)
     for task in TASKS:
-        if not (raw / task).is_dir():
-            raise PipelineError(f"{raw / task} not found; run `tlpipe stage ingest` first")
-        classes[task] = class_folders(raw / task)
-        for rel, label in list_class_images(raw / task, every_file=True):
-            facts = inspect_image(raw / task / rel, limits.max_pixels, limits.min_side, limits.max_side)
-            rows.append({"task": task, "path": f"{task}/{rel}", "label": label, **facts})
+        classes[task] = raw_pack.classes(raw / task)
+        for member in raw_pack.members(raw / task):
+            facts = inspect_image(member.path, raw_pack.read(raw / task, member),
+                                  limits.max_pixels, limits.min_side, limits.max_side)
+            rows.append({"task": task, "path": f"{task}/{member.path}", "label": member.label, **facts})
         # Never copied, so never hashed: sha256 "" marks a row with no content in paths.raw.
         rows += [{"task": task, "path": f"{task}/{r['path']}", "label": r["label"], "bytes": 0, "sha256": "",
                   "decodable": False, "error": r["reason"], "dhash": ""} for r in rejected[task]]

@@ -73,6 +73,26 @@ def write_class_folders(
     return root
 
 
+def raw_files(task_folder: Path) -> dict[str, bytes]:
+    """{path under the task ("<class>/..."): bytes} of every file ingest packed into paths.raw/<task>."""
+    from components.data import raw_pack
+
+    return {m.path: raw_pack.read(task_folder, m) for m in raw_pack.members(task_folder)}
+
+
+def pack_folder(source: Path, task_folder: Path) -> Path:
+    """Pack a class-per-subfolder tree into paths.raw/<task> as ingest does, for tests that build data/raw by hand."""
+    from components.data import raw_pack
+    from components.data.images import class_folders, list_class_images
+
+    with raw_pack.PackWriter(task_folder) as out:
+        for label in class_folders(source):
+            out.add_class(label)
+        for rel, label in list_class_images(source, every_file=True):
+            out.add(rel, label, (source / rel).read_bytes())
+    return task_folder
+
+
 def bar_images(classes: list[str], per_class: int, size: tuple[int, int], mode: str,
                seed: int) -> Iterator[tuple[str, int, Image.Image]]:
     """(class, number, image) of write_class_folders' images, class by class."""

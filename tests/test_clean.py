@@ -13,8 +13,9 @@ from PIL import Image
 from components import clean, ingest, validate
 from components.core.config import Params
 from components.core.errors import PipelineError
+from components.data import raw_pack
 from components.data.images import load_normalized
-from tests.conftest import clean_images, shrunk_params, write_class_folders
+from tests.conftest import clean_images, pack_folder, shrunk_params, write_class_folders
 
 SPLITS = ("train", "val", "test")
 
@@ -64,7 +65,7 @@ def test_bad_files_and_duplicates_are_quarantined_with_reasons(tmp_path: Path) -
     assert counts["input"] == 41 and counts["quarantined"] == 6
     assert counts["input"] == counts["kept"] + counts["quarantined"] + counts["held_back"]
     for label, c in counts["per_class"].items():
-        files = len(list((params.paths.raw / "target" / label).iterdir()))
+        files = sum(m.label == label for m in raw_pack.members(params.paths.raw / "target"))
         assert c["input"] == c["kept"] + c["quarantined"] + c["held_back"] == files
         assert c["kept"] == c["train"] + c["val"] + c["test"]
         # The label budget caps target train images per class; the rest are held back, not lost.
@@ -78,7 +79,8 @@ def test_bad_files_and_duplicates_are_quarantined_with_reasons(tmp_path: Path) -
     assert len(written) == counts["kept"] + report["counts"]["source"]["kept"]
     assert {p.shape for p in written} == {(16, 16, 1)}  # the configured size, grayscale
 
-    (params.paths.raw / "target" / "a" / "late.png").write_bytes(valid)
+    (tmp_path / "tgt" / "a" / "late.png").write_bytes(valid)
+    pack_folder(tmp_path / "tgt", params.paths.raw / "target")  # data/raw changed after validate
     with pytest.raises(PipelineError, match="rerun `tlpipe stage validate`"):
         clean.run(params)  # a manifest that no longer matches data/raw is not trusted
 

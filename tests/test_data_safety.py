@@ -136,15 +136,15 @@ def test_outputs_tlpipe_wrote_are_replaced_and_an_older_unmarked_one_is_named_wi
     params = shrunk_params(tmp_path)
     ingest.run(params)
     assert (params.paths.raw / artifacts.OWNER_MARKER).is_file()
-    (params.paths.raw / "target" / "5" / "extra.png").write_bytes(b"x")  # a changed tree is rebuilt, not refused
+    (params.paths.raw / "target" / "pack-00000.tar").write_bytes(b"x")  # a changed tree is rebuilt, not refused
     assert ingest.run(params).rewritten
-    assert not (params.paths.raw / "target" / "5" / "extra.png").exists()
+    assert (params.paths.raw / "target" / "pack-00000.tar").stat().st_size > 1
 
     (params.paths.raw / artifacts.OWNER_MARKER).unlink()  # what an earlier tlpipe version left
-    (params.paths.raw / "target" / "5" / "extra.png").write_bytes(b"x")
+    (params.paths.raw / "target" / "extra.png").write_bytes(b"x")
     with pytest.raises(PipelineError, match=r"if it is an output of an earlier tlpipe version, remove it"):
         ingest.run(params)
-    assert (params.paths.raw / "target" / "5" / "extra.png").is_file()
+    assert (params.paths.raw / "target" / "extra.png").is_file()
 
 
 def _kill_clean_midway(params_yaml: Path, at: str) -> int:

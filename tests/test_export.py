@@ -20,7 +20,7 @@ from components.core.errors import PipelineError
 from components.training.models import build_model, load_model_dir, save_model_dir
 from components.apps.summary import summary
 from components.core.reports import number
-from tests.conftest import shrunk_params, write_class_folders, write_clean_dataset
+from tests.conftest import pack_folder, shrunk_params, write_class_folders, write_clean_dataset
 
 CLASSES = ["5", "6", "7"]
 
@@ -156,9 +156,9 @@ def test_summary_reports_every_stage_and_a_real_image_to_try(exported: tuple[Par
     per_task = {"input": 10, "kept": 8, "quarantined": 1, "held_back": 1, "splits": {"train": 5}, "split_shares": {},
                 "leaked_across_splits": 0, "per_class": {}}
     write_json(paths.quarantine, {"quarantined": [], "counts": {"source": per_task, "target": per_task}})
-    image = paths.raw / "target" / "5" / "digit_0001.png"
-    write_class_folders(paths.raw / "target", ["5"], per_class=1)
-    (paths.raw / "target" / "5" / "5_0000.png").rename(image)
+    # The embedded digits exist only in data/raw's packs: the summary says how to take one out.
+    pack_folder(write_class_folders(paths.raw.parent / "mine", ["5"], per_class=1), paths.raw / "target")
+    pack = paths.raw / "target" / "pack-00000.tar"
 
     text = summary(params)
     assert "accuracy 0.9731, macro F1 0.9702" in text
@@ -167,7 +167,7 @@ def test_summary_reports_every_stage_and_a_real_image_to_try(exported: tuple[Par
     totals = "input 10, kept 8, quarantined 1, held_back 1, leaked_across_splits 0"
     assert f"quarantine: source: {totals}; target: {totals}" in text
     assert f"max |onnx - keras| {number(result.max_abs_diff)}" in text
-    assert f"tlpipe predict {paths.onnx_model} {image}" in text
+    assert f"tar -xf {pack} -C /tmp 5/5_0000.png\n  tlpipe predict {paths.onnx_model} /tmp/5/5_0000.png" in text
     assert "dvc plots show" in text
 
 

@@ -1,8 +1,10 @@
-"""Ingest: the embedded digits or the user's folders land in data/raw, and an unchanged input rewrites nothing."""
+"""Ingest: the embedded digits or the user's folders are packed into data/raw, and an unchanged input rewrites nothing."""
 
 from __future__ import annotations
 
+import io
 import os
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -10,10 +12,10 @@ import pytest
 from PIL import Image
 
 from components import ingest
-from components.data import raw_record
+from components.data import raw_pack, raw_record
 from components.core.config import Params
 from components.core.errors import PipelineError
-from tests.conftest import shrunk_params, write_class_folders
+from tests.conftest import raw_files, shrunk_params, write_class_folders
 
 
 def _files(root: Path) -> dict[str, int]:
@@ -28,15 +30,16 @@ def test_embedded_digits_are_written_once(params: Params) -> None:
     raw = params.paths.raw
     digits = load_digits()
     assert first.rewritten
-    assert sorted(p.name for p in (raw / "source").iterdir()) == ["0", "1", "2", "3", "4"]
-    assert sorted(p.name for p in (raw / "target").iterdir()) == ["5", "6", "7", "8", "9"]
+    assert raw_pack.classes(raw / "source") == ["0", "1", "2", "3", "4"]
+    assert raw_pack.classes(raw / "target") == ["5", "6", "7", "8", "9"]
     for task in ("source", "target"):
-        for folder in (raw / task).iterdir():
-            assert len(list(folder.glob("digit_*.png"))) == int((digits.target == int(folder.name)).sum())
+        labels = [m.label for m in raw_pack.members(raw / task)]
+        for label in set(labels):
+            assert labels.count(label) == int((digits.target == int(label)).sum())
     assert sum(first.images.values()) == 1797
     # The file is the sklearn sample of that index, scaled from 0..16 to 0..255.
     index = int(np.flatnonzero(digits.target == 7)[3])
-    pixels = np.asarray(Image.open(raw / "target" / "7" / f"digit_{index:05d}.png"))
+    pixels = np.asarray(Image.open(io.BytesIO(raw_files(raw / "target")[f"7/digit_{index:05d}.png"])))
     assert pixels.dtype == np.uint8 and pixels.shape == (8, 8)
     np.testing.assert_array_equal(pixels, np.rint(digits.images[index] * 255 / 16).astype(np.uint8))
 
@@ -52,7 +55,7 @@ def test_changed_classes_rewrite_the_tree(tmp_path: Path) -> None:
     changed = shrunk_params(tmp_path, {"data.embedded_source_classes": [0, 1], "data.embedded_target_classes": [2, 3]})
     result = ingest.run(changed)
     assert result.rewritten
-    assert sorted(p.name for p in (changed.paths.raw / "target").iterdir()) == ["2", "3"]
+    assert raw_pack.classes(changed.paths.raw / "target") == ["2", "3"]
     assert not list(tmp_path.glob("data/.raw.*"))  # no temporary folders left behind
 
 
@@ -66,22 +69,28 @@ def test_user_folders_are_copied_whole(tmp_path: Path) -> None:
 
     result = ingest.run(params)
     target = params.paths.raw / "target"
-    copied = sorted(p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file())
-    assert copied == ["cat/cat_0000.png", "cat/cat_0001.png", "cat/cat_0002.png",
-                      "dog/dog_0000.png", "dog/dog_0001.png", "dog/dog_0002.png", "dog/puppies/p1.jpg"]
-    assert (target / "empty").is_dir()
-    assert (target / "dog/puppies/p1.jpg").read_bytes() == b"not really a jpeg"
+    copied = raw_files(target)
+    assert sorted(copied) == ["cat/cat_0000.png", "cat/cat_0001.png", "cat/cat_0002.png",
+                              "dog/dog_0000.png", "dog/dog_0001.png", "dog/dog_0002.png", "dog/puppies/p1.jpg"]
+    assert all(data == (user / path).read_bytes() for path, data in copied.items())  # byte for byte
+    assert copied["dog/puppies/p1.jpg"] == b"not really a jpeg"
+    assert raw_pack.classes(target) == ["cat", "dog", "empty"]  # the empty class folder too: validate reports it
     assert result.images["target"] == 7 and result.classes["target"] == 3
-    assert sorted(p.name for p in (params.paths.raw / "source").iterdir()) == ["0", "1"]
+    assert raw_pack.classes(params.paths.raw / "source") == ["0", "1"]
+    # Any machine reads the packs without tlpipe: `tar -xf` gives the user's files back.
+    with tarfile.open(target / raw_pack.pack_name(0)) as pack:
+        assert sorted(pack.getnames()) == sorted(copied)
+        assert pack.extractfile("cat/cat_0001.png").read() == (user / "cat/cat_0001.png").read_bytes()
 
     assert not ingest.run(params).rewritten
     (user / "cat" / "cat_0003.png").write_bytes((user / "cat" / "cat_0000.png").read_bytes())
     assert ingest.run(params).rewritten
-    assert (target / "cat" / "cat_0003.png").is_file()
+    assert "cat/cat_0003.png" in raw_files(target)
 
-    (target / "cat" / "cat_0003.png").unlink()  # a hand-deleted output is noticed
+    pack = target / raw_pack.pack_name(0)
+    pack.write_bytes(pack.read_bytes()[:-2048])  # a pack cut short by hand is noticed
     assert ingest.run(params).rewritten
-    assert (target / "cat" / "cat_0003.png").is_file()
+    assert raw_files(target)["cat/cat_0003.png"] == (user / "cat" / "cat_0000.png").read_bytes()
 
 
 def test_missing_user_folder_is_named(tmp_path: Path) -> None:
@@ -112,10 +121,10 @@ def test_a_csv_manifest_labels_files_and_its_bad_rows_are_recorded(tmp_path: Pat
                                       "data.embedded_source_classes": [0, 1]})
 
     result = ingest.run(params)
-    target = params.paths.raw / "target"
-    copied = sorted(p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file())
-    assert copied == ["cat/all/all_0000.png", "cat/all/all_0001.png", "dog/all/all_0000.png",
-                      "dog/all/all_0002.png", "dog/all/all_0003.png"]
+    copied = raw_files(params.paths.raw / "target")
+    assert sorted(copied) == ["cat/all/all_0000.png", "cat/all/all_0001.png", "dog/all/all_0000.png",
+                              "dog/all/all_0002.png", "dog/all/all_0003.png"]
+    assert copied["dog/all/all_0002.png"] == (root / "all" / "all_0002.png").read_bytes()
     assert result.images["target"] == 5 and result.classes["target"] == 2
     assert raw_record.rejected_files(params.paths.raw)["target"] == [
         {"path": "dog/all/gone.png", "label": "dog", "reason": "unreadable: listed in the CSV manifest but not found"},
@@ -163,9 +172,9 @@ def test_a_checked_out_older_tree_is_noticed_under_an_unchanged_fingerprint(para
     ingest.run(params)
     raw = params.paths.raw
     record = raw / raw_record.FINGERPRINT_FILE
-    # What `dvc checkout` of another version looks like: other files and record, same inputs.
-    victim = next((raw / "target" / "7").glob("*.png"))
-    victim.unlink()
+    # What `dvc checkout` of another version looks like: other packs and record, same inputs.
+    before = raw_files(raw / "target")
+    (raw / "target" / raw_pack.pack_name(0)).write_bytes(b"\0" * 10240)
     record.write_text(record.read_text().replace('"content_sha256": "', '"content_sha256": "0'))
     result = ingest.run(params)
-    assert result.rewritten and victim.is_file()
+    assert result.rewritten and raw_files(raw / "target") == before

@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import END_TO_END, REPO, free_port, write_shrunk_params_yaml
+from tests.conftest import END_TO_END, REPO, free_port, raw_files, write_shrunk_params_yaml
 
 BIN = Path(sys.executable).parent
 POOL = "tlpipe-process"  # prefect.yaml's work pool
@@ -257,7 +257,9 @@ def test_the_first_run_trains_the_whole_pipeline_and_promotes_a_first_champion(r
     assert _run(["git", "rev-parse", "model-v1^{commit}"], repo).stdout.strip() == head
     assert "## Lineage: release v1" in (repo / "models/production/MODEL_CARD.md").read_text()
 
-    image = next((repo / "data/raw/target/7").glob("*.png"))
+    name, data = next((name, data) for name, data in raw_files(repo / "data/raw/target").items() if name.startswith("7/"))
+    image = repo.parent / Path(name).name
+    image.write_bytes(data)
     predicted = _run([str(BIN / "tlpipe"), "predict", "models/production/model.onnx", str(image)], repo).stdout
     assert predicted.split("\t")[1].split(":")[0] in {"5", "6", "7", "8", "9"}
 

@@ -22,7 +22,7 @@ from components.data.dataset import HELD_BACK, load_split
 from components.training.models import load_model_dir
 from components.training.probe import probe
 from components.training.self_supervised import unlabeled_pool
-from tests.conftest import REPO, shrunk_params, write_class_folders, write_clean_split, write_shrunk_params_yaml
+from tests.conftest import REPO, raw_files, shrunk_params, write_class_folders, write_clean_split, write_shrunk_params_yaml
 from tests.test_resume import TEXTURES, run_stage, write_texture_task
 
 # Small and quick: the pool is 72 + 24 textures, batches of 32, 6 epochs.
@@ -93,17 +93,18 @@ def test_the_unlabelled_pool_holds_no_target_val_or_test_image(digits: Params, t
     assert sorted(held.paths) == sorted(r["path"] for r in quarantine["held_back"] if r["task"] == "target")
 
 
-def _folder(root: Path, files: list[Path]) -> Path:
+def _folder(root: Path, files: list[tuple[str, bytes]]) -> Path:
     root.mkdir()
-    for number, file in enumerate(files):
-        shutil.copyfile(file, root / f"{number}{file.suffix}")
+    for number, (name, data) in enumerate(files):
+        (root / f"{number}{Path(name).suffix}").write_bytes(data)
     return root
 
 
 def test_a_folder_sharing_an_image_with_the_target_test_split_is_refused(digits: Params, tmp_path: Path) -> None:
     test = load_split(digits.paths.clean, "target", "test")
     spare = load_split(digits.paths.clean, "target", HELD_BACK)
-    files = [digits.paths.raw / p for p in (*spare.paths[:10], test.paths[3])]
+    packed = raw_files(digits.paths.raw / "target")
+    files = [(p, packed[p.removeprefix("target/")]) for p in (*spare.paths[:10], test.paths[3])]
     folder = _folder(tmp_path / "unlabelled", files)
     run = with_overrides(digits, {"source.self_supervised.folder": str(folder)})
     with pytest.raises(PipelineError, match=r"source.self_supervised.folder: 1 of its 11 images are also in the "

@@ -158,7 +158,8 @@ def test_clean_on_a_full_disk_leaves_the_old_splits_whole(tmp_path: Path) -> Non
     # New data, so clean writes different shards.
     for path in write_class_folders(tmp_path / "more", ["a", "b"], per_class=5, size=(40, 40), mode="RGB",
                                     seed=9).glob("*/*.png"):
-        shutil.copyfile(path, params.paths.raw / "target" / path.parent.name / f"new_{path.name}")
+        shutil.copyfile(path, target / path.parent.name / f"new_{path.name}")
+    ingest.run(params)
     validate.run(params)
 
     limit = 4 * 32 * 32 * 3

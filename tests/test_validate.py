@@ -14,7 +14,7 @@ from components import ingest, validate
 from components.core.config import Params
 from components.core.errors import PipelineError
 from components.data.images import MANIFEST_COLUMNS
-from tests.conftest import shrunk_params, write_class_folders
+from tests.conftest import raw_files, shrunk_params, write_class_folders
 
 
 def _manifest(params: Params) -> list[dict[str, str]]:
@@ -35,7 +35,8 @@ def test_digits_pass_and_every_report_is_written(tmp_path: Path) -> None:
     first = rows[0]
     assert first["path"].startswith("source/0/digit_") and first["label"] == "0"
     assert (first["width"], first["height"], first["mode"], first["decodable"]) == ("8", "8", "L", "True")
-    assert first["sha256"] == hashlib.sha256((params.paths.raw / first["path"]).read_bytes()).hexdigest()
+    packed = raw_files(params.paths.raw / "source")[first["path"].removeprefix("source/")]
+    assert first["sha256"] == hashlib.sha256(packed).hexdigest()
 
     report = json.loads(params.paths.validation.read_text())
     assert report["success"] is True

@@ -12,6 +12,7 @@ from components.core.errors import PipelineError
 from components.core.graph import stage_names
 from components.core.reports import (ExportReport, GatesReport, MetricsReport, QuarantineReport, SourceReport,
                                      TransferReport, WarningsReport, gate_rows, number, read_report)
+from components.data import raw_pack
 from components.data.images import TASKS, is_image_name
 
 
@@ -78,15 +79,21 @@ def _export(params: Params) -> list[str]:
     ]
 
 
-def _example_image(params: Params) -> str:
-    """A real target image to try the model on, or a placeholder when there is none."""
-    root = Path(params.paths.raw) / "target"
-    if root.is_dir():
-        for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-            for file in sorted(folder.iterdir()):
-                if file.is_file() and is_image_name(file):
-                    return shlex.quote(_show(file))
-    return "IMAGE.png"
+def _example_commands(params: Params) -> list[str]:
+    """`tlpipe predict` on a real target image: a file of your target folder, else one taken out of
+    data/raw's pack into /tmp (the embedded digits are stored nowhere else); a placeholder when there is none."""
+    onnx = shlex.quote(_show(params.paths.onnx_model))
+    folder = Path(params.paths.raw) / "target"
+    try:
+        first = next(m for m in raw_pack.members(folder) if is_image_name(m.path))
+    except (PipelineError, OSError, StopIteration):
+        return [f"tlpipe predict {onnx} IMAGE.png"]
+    mine = Path(params.data.target_dir).expanduser() / first.path if params.data.target_dir else None
+    if mine is not None and mine.is_file():
+        return [f"tlpipe predict {onnx} {shlex.quote(_show(mine))}"]
+    pack = shlex.quote(_show(folder / raw_pack.pack_name(first.pack)))
+    return [f"tar -xf {pack} -C /tmp {shlex.quote(first.path)}",
+            f"tlpipe predict {onnx} {shlex.quote('/tmp/' + first.path)}"]
 
 
 def _small_splits(params: Params) -> list[str]:
@@ -157,7 +164,7 @@ def summary(params: Params) -> str:
     lines += [f"  - {line}" for line in found]
     lines.append("next:")
     if Path(params.paths.onnx_model).is_file():
-        lines.append(f"  tlpipe predict {shlex.quote(_show(params.paths.onnx_model))} {_example_image(params)}")
+        lines += [f"  {command}" for command in _example_commands(params)]
     lines.append("  dvc plots show")
     lines.append("  dvc metrics show")
     return "\n".join(lines)

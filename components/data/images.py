@@ -153,16 +153,16 @@ def _channel_stats(image: Image.Image, side: int = 256) -> dict[str, float]:
             **{f"std_{c}": round(float(v), 3) for c, v in zip("rgb", stds)}}
 
 
-def inspect_image(path: Path, max_pixels: int, min_side: int, max_side: int) -> dict[str, Any]:
-    """Header facts, file hash, whether the file fully decodes, and why it is unusable; never raises.
+def inspect_image(name: str, data: bytes, max_pixels: int, min_side: int, max_side: int) -> dict[str, Any]:
+    """Header facts, hash, whether the bytes fully decode, and why the file is unusable; never raises.
 
-    Keys: MANIFEST_COLUMNS less task, path and label. `error` starts with a fixed category
-    ("zero-byte file", "not an image", "truncated image", "corrupt image", "decompression bomb",
-    "too small", "too large") and is "" for a usable image.
+    `name` is the file's name (its suffix is checked). Keys: MANIFEST_COLUMNS less task, path and
+    label. `error` starts with a fixed category ("zero-byte file", "not an image", "truncated image",
+    "corrupt image", "decompression bomb", "too small", "too large") and is "" for a usable image.
     """
-    path = Path(path)
+    path = Path(name)
     facts: dict[str, Any] = {
-        "width": None, "height": None, "mode": None, "bytes": path.stat().st_size, "sha256": sha256_file(path),
+        "width": None, "height": None, "mode": None, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
         "decodable": False, "error": "", "dhash": "", **{c: None for c in STAT_COLUMNS},
     }
     if facts["bytes"] == 0:
@@ -173,7 +173,7 @@ def inspect_image(path: Path, max_pixels: int, min_side: int, max_side: int) -> 
         facts["error"] = f"not an image: file name suffix '{path.suffix}' (expected one of {expected})"
         return facts
     try:
-        with open_guarded(path, max_pixels, setting="validate.max_pixels") as image:
+        with open_guarded(io.BytesIO(data), max_pixels, setting="validate.max_pixels") as image:
             facts.update(width=image.width, height=image.height, mode=image.mode)
             image.load()  # the full decode: catches truncated and corrupt data
             facts["dhash"] = dhash(image)
@@ -185,8 +185,7 @@ def inspect_image(path: Path, max_pixels: int, min_side: int, max_side: int) -> 
         facts["error"] = "not an image: Pillow cannot identify the file's format"
         return facts
     except Exception as error:  # Pillow raises many types for bad files; each is "undecodable"
-        # Pillow names the absolute path; the manifest must not depend on where the repository is.
-        message = f"{type(error).__name__}: {error}".replace(str(path), path.name)
+        message = f"{type(error).__name__}: {error}"
         kind = "truncated image" if "truncated" in message.lower() else "corrupt image"
         facts["error"] = f"{kind}: {message}"
         return facts

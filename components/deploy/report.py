@@ -24,10 +24,13 @@ import numpy as np
 import yaml
 
 from components.core.config import Params
+from components.core.errors import PipelineError
 from components.core.metrics import confusion_figure
 from components.core.reports import (ClassMetrics, DriftReport, ExportReport, FinetuneReport, Gate, GatesReport,
                                      MetricsReport, QuarantineReport, SourceReport, TransferGainReport, TransferReport,
                                      ValidationReport, gate_rows, number, read_report)
+from components.data import raw_pack
+from components.data.images import TASKS
 
 log = logging.getLogger(__name__)
 
@@ -183,15 +186,30 @@ def data_section(params: Params, samples: dict[str, dict[str, list[np.ndarray]]]
     return "".join(parts)
 
 
+def _raw_bytes(params: Params, paths: list[str]) -> dict[str, bytes]:
+    """{manifest path ("<task>/<class>/..."): bytes} of those files ingest packed (a missing pack: none)."""
+    found: dict[str, bytes] = {}
+    for task in TASKS:
+        wanted = [path.removeprefix(f"{task}/") for path in paths if path.startswith(f"{task}/")]
+        try:
+            found |= {f"{task}/{rel}": data for rel, data in raw_pack.read_paths(params.paths.raw / task, wanted).items()}
+        except PipelineError as error:
+            log.warning("quarantined files shown without pictures: %s", error)
+    return found
+
+
 def _quarantined_files(params: Params, files: list[dict[str, str]]) -> str:
     from components.data.images import load_normalized
 
     if not files:
         return "<h3>Quarantined files</h3><p>None: every input file was usable and unique.</p>"
     cards = []
-    for entry in files[:MAX_QUARANTINE_THUMBNAILS]:
-        try:  # a quarantined file often does not decode: that is why it is here
-            pixels = np.asarray(load_normalized(params.paths.raw / entry["path"], THUMB_SIDE, "RGB"))
+    shown = files[:MAX_QUARANTINE_THUMBNAILS]
+    contents = _raw_bytes(params, [entry["path"] for entry in shown])
+    for entry in shown:
+        try:  # a quarantined file often does not decode (that is why it is here), or was never copied
+            data = contents[entry["path"]]
+            pixels = np.asarray(load_normalized(io.BytesIO(data), THUMB_SIDE, "RGB"))
             picture = img(thumbnail(pixels), entry["path"])
         except Exception:  # Pillow raises many types for a bad file; each means "no picture"
             picture = "<div class=muted>(does not decode)</div>"
