@@ -17,7 +17,7 @@ from components.core.errors import PipelineError
 from components.core.reports import Gate, ValidationReport, write_report
 from components.data.expectations import run_suites, summarize
 from components.data import raw_pack
-from components.data.images import MANIFEST_COLUMNS, STAT_COLUMNS, TASKS, inspect_image
+from components.data.images import MANIFEST_COLUMNS, STAT_COLUMNS, TASKS, inspect_files, workers_for
 from components.data.raw_record import rejected_files
 
 if TYPE_CHECKING:
@@ -53,10 +53,14 @@ def _manifest(params: Params) -> tuple["pd.DataFrame", dict[str, list[str]]]:
     rejected = rejected_files(raw)
     for task in TASKS:
         classes[task] = raw_pack.classes(raw / task)
-        for member in raw_pack.members(raw / task):
-            facts = inspect_image(member.path, raw_pack.read(raw / task, member),
-                                  limits.max_pixels, limits.min_side, limits.max_side)
-            rows.append({"task": task, "path": f"{task}/{member.path}", "label": member.label, **facts})
+        files = [(m.path, m.label) for m in raw_pack.members(raw / task)]
+        workers = workers_for(limits.workers, len(files))
+        log.info("%s: inspecting %d files in %d process(es)", task, len(files), workers)
+        jobs = ((str(raw / task / raw_pack.pack_name(m.pack)), m.offset, m.size, m.path)
+                for m in raw_pack.members(raw / task))
+        inspected = inspect_files(jobs, limits.max_pixels, limits.min_side, limits.max_side, workers)
+        for (path, label), facts in zip(files, inspected, strict=True):
+            rows.append({"task": task, "path": f"{task}/{path}", "label": label, **facts})
         # Never copied, so never hashed: sha256 "" marks a row with no content in paths.raw.
         rows += [{"task": task, "path": f"{task}/{r['path']}", "label": r["label"], "bytes": 0, "sha256": "",
                   "decodable": False, "error": r["reason"], "dhash": ""} for r in rejected[task]]

@@ -70,3 +70,18 @@ def test_a_folder_per_image_from_an_older_tlpipe_is_refused_with_the_fix(tmp_pat
         list(raw_pack.members(old))
     with pytest.raises(PipelineError, match=r"not found; run `tlpipe stage ingest` first"):
         raw_pack.classes(tmp_path / "nowhere")
+
+
+def test_validate_inspects_packed_files_the_same_in_worker_processes(packed: Path) -> None:
+    """validate.workers > 1 spreads the decoding over processes: the same facts, in the same order."""
+    from components.data.images import inspect_files
+
+    with raw_pack.PackWriter(packed.parent / "bad") as out:
+        out.add("cat/cut.png", "cat", raw_files(packed)["cat/cat_0000.png"][:40])
+        out.add("cat/notes.txt", "cat", b"hello")
+    jobs = [(str(folder / raw_pack.pack_name(m.pack)), m.offset, m.size, m.path)
+            for folder in (packed, packed.parent / "bad") for m in raw_pack.members(folder)]
+    here = list(inspect_files(jobs, 10**6, 8, 8192, workers=1))
+    assert list(inspect_files(jobs, 10**6, 8, 8192, workers=2, chunk=2)) == here
+    assert [facts["error"] == "" for facts in here] == [True] * 6 + [False, False]
+    assert here[-1]["error"].startswith("not an image: file name suffix '.txt'") and here[0]["dhash"]

@@ -94,6 +94,7 @@ class ValidateParams(_Section):
     drift_max_class_share_change: Float = Field(ge=0)
     drift_max_size_change: Float = Field(ge=0)
     drift_max_channel_change: Float = Field(ge=0)
+    workers: Int = Field(ge=0)
 
     @model_validator(mode="after")
     def _sides_in_order(self) -> "ValidateParams":

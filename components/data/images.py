@@ -17,6 +17,8 @@ from typing import IO, Any
 import numpy as np
 from PIL import Image, ImageOps
 
+from components.data.raw_pack import read_at
+
 # The two tasks the pipeline reads, each a class-per-subfolder tree under paths.raw.
 TASKS: tuple[str, ...] = ("source", "target")
 
@@ -151,6 +153,33 @@ def _channel_stats(image: Image.Image, side: int = 256) -> dict[str, float]:
     means, stds = rgb.mean(axis=0), rgb.std(axis=0)
     return {**{f"mean_{c}": round(float(m), 3) for c, m in zip("rgb", means)},
             **{f"std_{c}": round(float(v), 3) for c, v in zip("rgb", stds)}}
+
+
+# (pack file, offset, length, file name): one file of paths.raw for an inspecting worker.
+PackedFile = tuple[str, int, int, str]
+
+
+def _inspect_packed(job: PackedFile, max_pixels: int, min_side: int, max_side: int) -> dict[str, Any]:
+    pack, offset, length, name = job
+    return inspect_image(name, read_at(pack, offset, length), max_pixels, min_side, max_side)
+
+
+def inspect_files(jobs: Iterable[PackedFile], max_pixels: int, min_side: int, max_side: int, workers: int,
+                  chunk: int = 32) -> Iterator[dict[str, Any]]:
+    """`inspect_image` of each packed file, in order, in `workers` processes (<= 1: here).
+
+    Jobs are taken a bounded batch at a time (Pool.imap alone would queue all of them), so memory
+    stays flat however many files there are.
+    """
+    work = functools.partial(_inspect_packed, max_pixels=max_pixels, min_side=min_side, max_side=max_side)
+    if workers <= 1:
+        yield from map(work, jobs)
+        return
+    jobs = iter(jobs)
+    # spawn, not fork: forking a process that has loaded TensorFlow or opened threads can deadlock.
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        while batch := list(itertools.islice(jobs, workers * chunk * 8)):
+            yield from pool.imap(work, batch, chunksize=chunk)
 
 
 def inspect_image(name: str, data: bytes, max_pixels: int, min_side: int, max_side: int) -> dict[str, Any]:

@@ -95,30 +95,34 @@ class TrainFeed(keras.utils.PyDataset):
 
 
 class _InOrder(keras.utils.PyDataset):
-    """A split's images in order, the last batch padded (repeating its last image) to `multiple`."""
+    """A split's images at `positions` (default: all) in that order, the last batch padded (repeating its
+    last image) to `multiple`."""
 
-    def __init__(self, split: Split, batch_size: int, multiple: int) -> None:
+    def __init__(self, split: Split, batch_size: int, multiple: int, positions: np.ndarray | None = None) -> None:
         super().__init__()
         self.split, self.multiple = split, multiple
-        self.batch_size = max(multiple, min(batch_size, len(split)) // multiple * multiple)
+        self.positions = np.arange(len(split)) if positions is None else np.asarray(positions, dtype=np.int64)
+        self.batch_size = max(multiple, min(batch_size, len(self.positions)) // multiple * multiple)
 
     @property
     def num_batches(self) -> int:
-        return math.ceil(len(self.split) / self.batch_size)
+        return math.ceil(len(self.positions) / self.batch_size)
 
     def __len__(self) -> int:
         return self.num_batches
 
     def __getitem__(self, index: int) -> tuple[np.ndarray]:
-        start = index * self.batch_size
-        positions = np.arange(start, min(start + self.batch_size, len(self.split)))
+        positions = self.positions[index * self.batch_size : (index + 1) * self.batch_size]
         short = -len(positions) % self.multiple
         if short:
             positions = np.concatenate([positions, np.full(short, positions[-1])])
         return (self.split.images(positions),)
 
 
-def predict(model: keras.Model, split: Split, batch_size: int = PREDICT_BATCH) -> np.ndarray:
-    """The model's outputs for every image of the split, in split order (never the split in memory)."""
-    outputs = model.predict(_InOrder(split, batch_size, replicas()), verbose=0)
-    return np.asarray(outputs)[: len(split)]
+def predict(model: keras.Model, split: Split, batch_size: int = PREDICT_BATCH,
+            positions: np.ndarray | None = None) -> np.ndarray:
+    """The model's outputs for the split's images at `positions` (default: every one, in split order),
+    read a batch at a time (never the split in memory)."""
+    feed = _InOrder(split, batch_size, replicas(), positions)
+    outputs = model.predict(feed, verbose=0)
+    return np.asarray(outputs)[: len(feed.positions)]
