@@ -65,13 +65,13 @@ def _digit_classes(setting: str, classes: tuple[int, ...]) -> list[int]:
     return sorted(set(classes))
 
 
-def _stat(path: Path) -> tuple[int, int]:
+def _stat(path: str) -> tuple[int, int]:
     """Size and mtime, of the link itself when its target is missing (a broken link must not crash ingest)."""
     try:
-        info = path.stat()
+        info = os.stat(path)
     except OSError:
         try:
-            info = path.lstat()
+            info = os.lstat(path)
         except OSError:
             return -1, -1  # a CSV manifest row naming a missing file: ingest records it
     return info.st_size, info.st_mtime_ns
@@ -88,14 +88,14 @@ def _plan(params: Params) -> dict[str, dict[str, Any]]:
         if folder and is_csv_manifest(folder):
             csv_path = Path(folder).expanduser()
             entries = read_csv_manifest(csv_path)
-            listing = [(rel, label, *_stat(csv_path.parent / rel)) for rel, label, _ in entries]
+            listing = [(rel, label, *_stat(os.path.join(csv_path.parent, rel))) for rel, label, _ in entries]
             digest = hashlib.sha256(json.dumps([sha256_file(csv_path), listing]).encode()).hexdigest()
             plan[task] = {"csv": str(csv_path.resolve()), "files": len(entries), "listing_sha256": digest}
         elif folder:
             root = _user_dir(f"{task}_dir", folder)
             files = list_class_images(root, every_file=True)
             # Paths, sizes and mtimes: a changed, added or removed file changes the fingerprint.
-            listing = [(rel, *_stat(root / rel)) for rel, _ in files]
+            listing = [(rel, *_stat(os.path.join(root, rel))) for rel, _ in files]
             digest = hashlib.sha256(json.dumps(listing).encode()).hexdigest()
             plan[task] = {"dir": str(root.resolve()), "files": len(files), "listing_sha256": digest}
         else:

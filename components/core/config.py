@@ -19,7 +19,7 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError, model_validator
 
-from components.core.artifacts import write_text
+from components.core.artifacts import read_yaml, write_text
 from components.core.errors import PipelineError
 from components.deploy.variant_registry import NAMES as VARIANT_NAMES
 from components.training.backbones import NAMES as BACKBONE_NAMES
@@ -332,7 +332,7 @@ def _describe(error: ValidationError, source: Path) -> str:
 
 def _read_mapping(path: Path) -> dict:
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = read_yaml(path) or {}
     except yaml.YAMLError as error:
         raise PipelineError(f"{path} is not valid YAML: {error}") from None
     if not isinstance(raw, dict):

@@ -13,9 +13,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-import yaml
 
-from components.core.artifacts import ForeignOutputError, owned
+from components.core.artifacts import ForeignOutputError, owned, read_yaml
 from components.core.errors import PipelineError
 
 if TYPE_CHECKING:
@@ -30,7 +29,7 @@ def stage_names(dvc_yaml: Path = DVC_YAML) -> list[str]:
     """Stage names in the order dvc.yaml lists them (which is also an order their deps allow)."""
     if not Path(dvc_yaml).is_file():
         raise PipelineError(f"{dvc_yaml} not found: run tlpipe from the repository root")
-    stages = (yaml.safe_load(Path(dvc_yaml).read_text()) or {}).get("stages") or {}
+    stages = (read_yaml(dvc_yaml) or {}).get("stages") or {}
     return list(stages)
 
 
@@ -83,7 +82,7 @@ def _dvc_paths(graph: dict, dvc_yaml: Path) -> dict[str, str]:
         path = Path(dvc_yaml).parent / file
         if key == "paths" and path.is_file():
             found.update({k: str(Path(dvc_yaml).parent / v)
-                          for k, v in ((yaml.safe_load(path.read_text()) or {}).get("paths") or {}).items()})
+                          for k, v in ((read_yaml(path) or {}).get("paths") or {}).items()})
     return found
 
 
@@ -96,7 +95,7 @@ def check_outputs(params: "Params", dvc_yaml: Path = DVC_YAML) -> None:
     """
     if not Path(dvc_yaml).is_file():
         return  # a library call outside a pipeline repository: atomic_dir still refuses, per output
-    graph = yaml.safe_load(Path(dvc_yaml).read_text()) or {}
+    graph = read_yaml(dvc_yaml) or {}
     ours, dvcs = params.paths.model_dump(), _dvc_paths(graph, Path(dvc_yaml))
     for stage in (graph.get("stages") or {}).values():
         for out in (stage or {}).get("outs") or []:

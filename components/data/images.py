@@ -108,17 +108,17 @@ def list_class_images(root: Path, *, every_file: bool = False) -> list[tuple[str
     belong to no class and are not listed. With `every_file`, files of any suffix are listed too,
     so callers that must account for every file (ingest, the manifest) skip nothing.
     """
-    root = Path(root)
+    # Strings, not Path objects: ingest lists your folders on every run, and at 40,000 files pathlib's
+    # parsing was most of a no-op ingest (docs/benchmarks-real.md).
+    top = os.path.join(os.fspath(root), "")
     found: list[tuple[str, str]] = []
     for label in class_folders(root):
         unlisted: list[str] = []
-        for folder, dirs, files in os.walk(root / label, onerror=lambda error: unlisted.append(error.filename)):
+        for folder, dirs, files in os.walk(top + label, onerror=lambda error: unlisted.append(error.filename)):
             # os.walk does not follow linked folders; listing them lets ingest say so instead of losing them.
-            links = [name for name in dirs if every_file and Path(folder, name).is_symlink()]
-            for name in [*files, *links]:
-                path = Path(folder, name)
-                if every_file or is_image_name(path):
-                    found.append((path.relative_to(root).as_posix(), label))
+            links = [name for name in dirs if every_file and os.path.islink(os.path.join(folder, name))]
+            prefix = folder[len(top):].replace(os.sep, "/") + "/"
+            found += [(prefix + name, label) for name in [*files, *links] if every_file or is_image_name(name)]
         if every_file:  # a folder that cannot be listed is an entry too: ingest quarantines it with its reason
             found += [(Path(name).relative_to(root).as_posix(), label) for name in unlisted]
     return sorted(found)
