@@ -28,7 +28,7 @@ from components.core.reports import QuarantineReport, write_report
 from components.data import raw_pack
 from components.data.raw_record import assigned_splits
 from components.data.dataset import HELD_BACK, SPLITS, SplitWriter
-from components.data.images import MANIFEST_COLUMNS, TASKS, load_normalized, workers_for
+from components.data.images import MANIFEST_COLUMNS, TASKS, load_normalized, ordered_map, workers_for
 
 log = logging.getLogger(__name__)
 
@@ -382,13 +382,7 @@ def _normalized(jobs: list[Job], size: int, pil_mode: str, pool: Pool | None,
     """`_pixels` of each job, in order, decoded in `pool` (None: here) a bounded batch at a time:
     at most `chunk * 8` decoded images wait for the writer (19 MB at 224 px RGB), however many
     images there are."""
-    work = functools.partial(_pixels, size=size, pil_mode=pil_mode)
-    if pool is None:
-        yield from map(work, jobs)
-        return
-    step = chunk * 8
-    for start in range(0, len(jobs), step):
-        yield from pool.imap(work, jobs[start : start + step], chunksize=chunk)
+    return ordered_map(functools.partial(_pixels, size=size, pil_mode=pil_mode), jobs, pool, chunk)
 
 
 def _write(params: Params, plans: dict[str, _Task], out: Path) -> None:

@@ -10,7 +10,8 @@ import itertools
 import multiprocessing
 import os
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from multiprocessing.pool import Pool
 from pathlib import Path
 from typing import IO, Any
 
@@ -172,14 +173,20 @@ def inspect_files(jobs: Iterable[PackedFile], max_pixels: int, min_side: int, ma
     stays flat however many files there are.
     """
     work = functools.partial(_inspect_packed, max_pixels=max_pixels, min_side=min_side, max_side=max_side)
-    if workers <= 1:
+    # spawn, not fork: forking a process that has loaded TensorFlow or opened threads can deadlock.
+    with multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else contextlib.nullcontext() as pool:
+        yield from ordered_map(work, jobs, pool, chunk)
+
+
+def ordered_map(work: Callable[[Any], Any], jobs: Iterable[Any], pool: Pool | None, chunk: int) -> Iterator[Any]:
+    """`work` of each job, in order, in `pool` (None: here), taking jobs `chunk * 8` at a time: Pool.imap
+    alone would queue every job at once, and its results would wait in memory for a slow reader."""
+    if pool is None:
         yield from map(work, jobs)
         return
     jobs = iter(jobs)
-    # spawn, not fork: forking a process that has loaded TensorFlow or opened threads can deadlock.
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
-        while batch := list(itertools.islice(jobs, workers * chunk * 8)):
-            yield from pool.imap(work, batch, chunksize=chunk)
+    while batch := list(itertools.islice(jobs, chunk * 8)):
+        yield from pool.imap(work, batch, chunksize=chunk)
 
 
 def inspect_image(name: str, data: bytes, max_pixels: int, min_side: int, max_side: int) -> dict[str, Any]:
