@@ -149,7 +149,7 @@ def run(params: Params) -> TransferResult:
     report.update(match=cfg.match, patterns=list(cfg.layers))
     train, val = (load_split(params.paths.clean, "target", name) for name in ("train", "val"))
     if train.shape[-1] == params.data.channels:
-        report["probe"] = probe(target, train, val)
+        report["probe"] = probe(target, train, val, cfg.probe_images)
         log.info("probes of the transferred features on target val: linear %.4f, %d-NN %.4f (chance %.4f)",
                  report["probe"]["linear_probe_accuracy"], report["probe"]["knn_k"], report["probe"]["knn_accuracy"],
                  report["probe"]["chance"])

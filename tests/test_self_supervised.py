@@ -49,7 +49,8 @@ def _check_learned(params: Params) -> None:
     assert report["final_loss"] < 0.8 * math.log(2 * 32 - 1), report
     model, classes = load_model_dir(params.paths.source_model)
     assert classes is None and model.get_layer("backbone") is not None  # the headless contract of `download`
-    found = probe(model, *(load_split(params.paths.clean, "target", s) for s in ("train", "val")))
+    found = probe(model, *(load_split(params.paths.clean, "target", s) for s in ("train", "val")),
+                  images=params.transfer.probe_images)
     assert found["linear_probe_accuracy"] > CHANCE + 0.3 and found["knn_accuracy"] > CHANCE + 0.3, found
 
 
@@ -191,14 +192,13 @@ def test_the_knn_probe_never_takes_more_neighbours_than_a_class_has(tmp_path: Pa
     params = shrunk_params(tmp_path)
     write_clean_dataset(params.paths.clean, "target", list(TEXTURES), {"train": 1, "val": 8}, params.data.image_size)
     train, val = (load_split(params.paths.clean, "target", s) for s in ("train", "val"))
-    found = probe(build_model(params.model, params.data, 3, bn_inference=True), train, val)
+    found = probe(build_model(params.model, params.data, 3, bn_inference=True), train, val, images=500)
     assert found["knn_k"] == 1 and found["train_images"] == 3 and found["val_images"] == 24
 
 
-def test_the_probes_see_a_bounded_sample_with_every_class(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Their features are held in memory: a million-image split must not be, so they see PROBE_IMAGES per split."""
+def test_the_probes_see_a_bounded_sample_with_every_class(tmp_path: Path) -> None:
+    """Their features are held in memory: a million-image split must not be, so they see transfer.probe_images per split."""
     from components.data.stream import predict
-    from components.training import probe as probes
     from components.training.models import build_model
     from tests.conftest import write_clean_dataset
 
@@ -208,7 +208,6 @@ def test_the_probes_see_a_bounded_sample_with_every_class(tmp_path: Path, monkey
     model = build_model(params.model, params.data, 3, bn_inference=True)
     at = train.spread(7)
     np.testing.assert_allclose(predict(model, train, positions=at), predict(model, train)[at], atol=1e-6)
-    monkeypatch.setattr(probes, "PROBE_IMAGES", 7)
-    found = probe(model, train, val)
+    found = probe(model, train, val, images=7)
     assert found["train_images"] == 7 and found["val_images"] == 7  # of 30 and 24
     assert set(train.y[train.spread(7)]) == {0, 1, 2}  # spread over the class-sorted split: every class

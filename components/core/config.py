@@ -175,6 +175,7 @@ class TransferParams(_Section):
     layers: tuple[str, ...]
     match: Literal["name", "position"]
     adapt_channels: Bool
+    probe_images: Int = Field(ge=1)
 
 
 class FinetuneParams(_Section):

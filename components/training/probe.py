@@ -18,10 +18,6 @@ from components.data.stream import predict
 from components.training.models import HEAD_NAME
 
 NEIGHBOURS = 5
-# Images per split the probes see, spread evenly over it (splits are sorted by class, so every class
-# shows): their features are held in memory, which must not grow with the data (500,000 training
-# images would be gigabytes), and 2,000 make the accuracy's standard error about 1 point.
-PROBE_IMAGES = 2000
 
 
 def feature_model(model: keras.Model) -> keras.Model:
@@ -31,14 +27,19 @@ def feature_model(model: keras.Model) -> keras.Model:
     return keras.Model(model.inputs, model.get_layer(HEAD_NAME).input, name="features")
 
 
-def probe(model: keras.Model, train: Split, val: Split) -> dict[str, float | int]:
-    """Linear-probe and k-NN accuracy of the model's backbone features on val, fitted on train."""
+def probe(model: keras.Model, train: Split, val: Split, images: int) -> dict[str, float | int]:
+    """Linear-probe and k-NN accuracy of the model's backbone features on val, fitted on train.
+
+    Each split contributes at most `images` images (transfer.probe_images), spread evenly over it
+    (splits are sorted by class, so every class shows): their features are held in memory, which
+    must not grow with the data.
+    """
     from sklearn.linear_model import LogisticRegression
     from sklearn.neighbors import KNeighborsClassifier
 
     started = time.perf_counter()
     extractor = feature_model(model)
-    train_at, val_at = train.spread(PROBE_IMAGES), val.spread(PROBE_IMAGES)
+    train_at, val_at = train.spread(images), val.spread(images)
     train_x, val_x = (np.asarray(predict(extractor, split, positions=at), dtype="float64")
                       for split, at in ((train, train_at), (val, val_at)))
     train_y, val_y = train.y[train_at], val.y[val_at]
