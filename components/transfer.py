@@ -21,6 +21,7 @@ import numpy as np
 from components.core.artifacts import write_text
 from components.core.reports import TransferReport, write_report
 from components.core.config import Params
+from components.core.errors import PipelineError
 from components.data.dataset import class_names, load_split
 from components.training.models import build_model, load_model_dir, save_model_dir, weighted_layers
 from components.training.probe import probe
@@ -146,15 +147,18 @@ def run(params: Params) -> TransferResult:
     report = transfer_weights(source, target, cfg.layers, cfg.match, cfg.adapt_channels)
     if not report["transferred"]:
         log.warning("no layer was transferred: the target model starts from scratch (check transfer.layers)")
-    report.update(match=cfg.match, patterns=list(cfg.layers))
+    report.update(match=cfg.match, patterns=list(cfg.layers), head_init=cfg.head_init)
     train, val = (load_split(params.paths.clean, "target", name) for name in ("train", "val"))
     if train.shape[-1] == params.data.channels:
-        report["probe"] = probe(target, train, val, cfg.probe_images)
+        report["probe"] = probe(target, train, val, cfg.probe_images, set_head=cfg.head_init == "probe")
         log.info("probes of the transferred features on target val: linear %.4f, %d-NN %.4f (chance %.4f)",
                  report["probe"]["linear_probe_accuracy"], report["probe"]["knn_k"], report["probe"]["knn_accuracy"],
                  report["probe"]["chance"])
     else:  # clean ran with another data.color_mode; fine-tuning will say so, the probe just cannot run
         report["probe"] = None
+        if cfg.head_init == "probe":
+            raise PipelineError("transfer.head_init: probe needs the probe, which cannot run on these images "
+                                "(their channels differ from data.color_mode): rerun clean")
         log.warning("no probe: the cleaned target images have %d channel(s), data.color_mode needs %d (rerun clean)",
                     train.shape[-1], params.data.channels)
     save_model_dir(target, classes, params.paths.transferred_model)

@@ -211,3 +211,35 @@ def test_the_probes_see_a_bounded_sample_with_every_class(tmp_path: Path) -> Non
     found = probe(model, train, val, images=7)
     assert found["train_images"] == 7 and found["val_images"] == 7  # of 30 and 24
     assert set(train.y[train.spread(7)]) == {0, 1, 2}  # spread over the class-sorted split: every class
+
+
+@pytest.mark.parametrize("classes", [3, 2])  # two: scikit-learn fits one row of weights, not one per class
+def test_a_head_from_the_probe_scores_on_val_what_the_probe_scored(tmp_path: Path, classes: int) -> None:
+    """transfer.head_init: probe: fine-tuning starts from the linear probe's classifier itself, not an approximation."""
+    from components.training.models import HEAD_NAME, build_model
+    from components.training.trainer import accuracy
+    from tests.conftest import write_clean_dataset
+
+    params = shrunk_params(tmp_path)
+    write_clean_dataset(params.paths.clean, "target", list(TEXTURES)[:classes], {"train": 10, "val": 12}, params.data.image_size)
+    train, val = (load_split(params.paths.clean, "target", s) for s in ("train", "val"))
+    model = build_model(params.model, params.data, classes, bn_inference=True)
+    random_head = [w.copy() for w in model.get_layer(HEAD_NAME).get_weights()]
+    found = probe(model, train, val, images=500, set_head=True)
+    assert not np.allclose(model.get_layer(HEAD_NAME).get_weights()[0], random_head[0])
+    assert abs(accuracy(model, val) - found["linear_probe_accuracy"]) <= 1 / len(val), found
+
+
+def test_transfer_writes_the_probe_head_into_the_transferred_model(tmp_path: Path) -> None:
+    """The stage: with head_init probe the saved model scores the probe's accuracy, and the report says which head it has."""
+    from components.training.trainer import accuracy
+
+    params, _ = _texture_workspace(tmp_path)
+    params = with_overrides(params, {"transfer.head_init": "probe"})
+    source.run(params)
+    transfer.run(params)
+    report = json.loads(params.paths.transfer_report.read_text())
+    model, _ = load_model_dir(params.paths.transferred_model)
+    val = load_split(params.paths.clean, "target", "val")
+    assert report["head_init"] == "probe"
+    assert abs(accuracy(model, val) - report["probe"]["linear_probe_accuracy"]) <= 1 / len(val), report["probe"]

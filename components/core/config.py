@@ -176,6 +176,7 @@ class TransferParams(_Section):
     match: Literal["name", "position"]
     adapt_channels: Bool
     probe_images: Int = Field(ge=1)
+    head_init: Literal["random", "probe"]
 
 
 class FinetuneParams(_Section):

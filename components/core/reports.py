@@ -185,6 +185,7 @@ class TransferReport(Report):
     match: str
     patterns: list[str]
     probe: Probe | None = None  # None: the cleaned images' channels differ from data.color_mode
+    head_init: Literal["random", "probe"] = "random"  # probe: the head took the linear probe's weights
 
 
 class FinetuneReport(Report):

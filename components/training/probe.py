@@ -27,12 +27,13 @@ def feature_model(model: keras.Model) -> keras.Model:
     return keras.Model(model.inputs, model.get_layer(HEAD_NAME).input, name="features")
 
 
-def probe(model: keras.Model, train: Split, val: Split, images: int) -> dict[str, float | int]:
+def probe(model: keras.Model, train: Split, val: Split, images: int, set_head: bool = False) -> dict[str, float | int]:
     """Linear-probe and k-NN accuracy of the model's backbone features on val, fitted on train.
 
     Each split contributes at most `images` images (transfer.probe_images), spread evenly over it
     (splits are sorted by class, so every class shows): their features are held in memory, which
-    must not grow with the data.
+    must not grow with the data. set_head: the model's softmax head takes the linear probe's weights
+    (transfer.head_init: probe), so fine-tuning starts from a head that already fits the features.
     """
     from sklearn.linear_model import LogisticRegression
     from sklearn.neighbors import KNeighborsClassifier
@@ -46,6 +47,8 @@ def probe(model: keras.Model, train: Split, val: Split, images: int) -> dict[str
     mean, std = train_x.mean(axis=0), train_x.std(axis=0) + 1e-6
     linear = LogisticRegression(max_iter=2000).fit((train_x - mean) / std, train_y)
     linear_accuracy = float(np.mean(linear.predict((val_x - mean) / std) == val_y))
+    if set_head:
+        _set_head(model, linear, mean, std, len(train.classes))
     # Never more neighbours than the smallest class has images: 5 neighbours of 1 image per class vote for anything.
     k = max(1, min(NEIGHBOURS, int(np.bincount(train_y, minlength=len(train.classes)).min())))
     knn = KNeighborsClassifier(n_neighbors=k, metric="cosine").fit(train_x, train_y)
@@ -60,3 +63,20 @@ def probe(model: keras.Model, train: Split, val: Split, images: int) -> dict[str
         "features": int(train_x.shape[1]),
         "seconds": round(time.perf_counter() - started, 3),
     }
+
+
+def _set_head(model: keras.Model, linear, mean: np.ndarray, std: np.ndarray, classes: int) -> None:
+    """Write the logistic regression (fitted on standardized features) into the Dense softmax head.
+
+    The standardization folds into the weights: w.(x - mean)/std + b = (w/std).x + (b - w.(mean/std)).
+    A class the train sample lacks gets a large negative bias; a binary fit has one row of weights,
+    the logit of class 1 against class 0's zero.
+    """
+    coef, intercept = linear.coef_, linear.intercept_
+    if len(linear.classes_) == 2 and coef.shape[0] == 1:
+        coef, intercept = np.vstack([np.zeros_like(coef), coef]), np.concatenate([[0.0], intercept])
+    kernel = np.zeros((coef.shape[1], classes))
+    bias = np.full(classes, -30.0)
+    kernel[:, linear.classes_] = (coef / std).T
+    bias[linear.classes_] = intercept - coef @ (mean / std)
+    model.get_layer(HEAD_NAME).set_weights([kernel.astype("float32"), bias.astype("float32")])
