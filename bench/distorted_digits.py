@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/distorted_digits.py DIR [--side 32] [--seed 0]
 
-Writes DIR/source/<digit>/ (digits 0-4) and DIR/target/<digit>/ (digits 5-9) as grayscale PNGs: every
+Writes DIR/source/<digit>/ (digits 0-4) and DIR/target/<digit>/ (digits 5-9, as the embedded default splits them) as grayscale PNGs: every
 scikit-learn digit (bundled, about 180 a class) once, enlarged to `side` px, then rotated (up to 25
 degrees), scaled (0.75-1.15), sheared, shifted (up to 1/6 of the side), partly covered by a grey
 bar and overlaid with Gaussian noise. Each base digit appears once, so no two files share a
@@ -19,9 +19,12 @@ import math
 from pathlib import Path
 
 import numpy as np
+import yaml
 from PIL import Image
 
-SOURCE, TARGET = (0, 1, 2, 3, 4), (5, 6, 7, 8, 9)
+# The embedded default's split of the digits into source and target classes, from its one place.
+_DATA = yaml.safe_load((Path(__file__).resolve().parents[1] / "components" / "core" / "defaults.yaml").read_text())["data"]
+SOURCE, TARGET = tuple(_DATA["embedded_source_classes"]), tuple(_DATA["embedded_target_classes"])
 
 
 def distort(digit: np.ndarray, side: int, rng: np.random.Generator) -> Image.Image:

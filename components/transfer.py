@@ -154,11 +154,11 @@ def run(params: Params) -> TransferResult:
         log.info("probes of the transferred features on target val: linear %.4f, %d-NN %.4f (chance %.4f)",
                  report["probe"]["linear_probe_accuracy"], report["probe"]["knn_k"], report["probe"]["knn_accuracy"],
                  report["probe"]["chance"])
+    elif cfg.head_init == "probe":
+        raise PipelineError("transfer.head_init: probe needs the probe, which cannot run on these images "
+                            "(their channels differ from data.color_mode): rerun clean")
     else:  # clean ran with another data.color_mode; fine-tuning will say so, the probe just cannot run
         report["probe"] = None
-        if cfg.head_init == "probe":
-            raise PipelineError("transfer.head_init: probe needs the probe, which cannot run on these images "
-                                "(their channels differ from data.color_mode): rerun clean")
         log.warning("no probe: the cleaned target images have %d channel(s), data.color_mode needs %d (rerun clean)",
                     train.shape[-1], params.data.channels)
     save_model_dir(target, classes, params.paths.transferred_model)

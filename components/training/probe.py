@@ -73,7 +73,7 @@ def _set_head(model: keras.Model, linear, mean: np.ndarray, std: np.ndarray, cla
     the logit of class 1 against class 0's zero.
     """
     coef, intercept = linear.coef_, linear.intercept_
-    if len(linear.classes_) == 2 and coef.shape[0] == 1:
+    if coef.shape[0] == 1:  # scikit-learn's binary fit
         coef, intercept = np.vstack([np.zeros_like(coef), coef]), np.concatenate([[0.0], intercept])
     kernel = np.zeros((coef.shape[1], classes))
     bias = np.full(classes, -30.0)
